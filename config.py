@@ -1,0 +1,216 @@
+"""Configuration: dataclasses with the reference settings, read from YAML with `_base_` inheritance.
+
+    cfg = load_config("configs/coco/m2f_r50.yaml", ["model.encoder.layers=3", "train.lr=2e-4"])
+
+A YAML file may name `_base_: path` (or a list of paths), relative to itself; the file's own keys
+are merged over its bases, dictionaries key by key. Command-line overrides `key.sub=value` come
+last. Every key must exist in the dataclasses below and every value must have the field's type:
+anything else is an error naming the key and the file. Every default below is the official
+Mask2Former setting (COCO panoptic, ResNet-50) unless its comment says otherwise.
+"""
+import dataclasses
+import os
+import tempfile
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "resnet50"  # resnet18/34/50/101, swin_t/s/b/l (see model.build_backbone)
+    norm: str = "frozen_bn"  # ResNet norm: frozen_bn (COCO), bn, syncbn (Cityscapes)
+    drop_path: float = 0.3  # Swin stochastic depth rate (all Mask2Former Swin configs use 0.3)
+    window_size: int = 7  # Swin window: 7 for T/S, 12 for the 384-pretrained B/L
+    weights: str = ""  # a torchvision ImageNet state dict (.pth) to start from; "" = random init
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "m2f"  # see encoders.build_encoder
+    dim: int = 256
+    heads: int = 8
+    points: int = 4
+    ffn_dim: int = 1024
+    layers: int = 6
+    dropout: float = 0.0
+    mask_branch: str = "conv"  # 1/4-resolution branch: conv (3x3 conv), lpe_max / lpe_avg (PRO-SCALE LPE)
+
+
+@dataclass
+class DecoderConfig:
+    queries: int = 100
+    layers: int = 9  # official DEC_LAYERS is 10: it counts the prediction from the initial queries
+    dim: int = 256
+    heads: int = 8
+    ffn_dim: int = 2048
+    dropout: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    class_weight: float = 2.0
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
+    no_object_weight: float = 0.1
+    num_points: int = 12544  # 112 x 112 points per mask for matching and losses
+    oversample_ratio: float = 3.0
+    importance_sample_ratio: float = 0.75
+    deep_supervision: bool = True
+
+
+@dataclass
+class InferenceConfig:
+    object_mask_threshold: float = 0.8
+    overlap_threshold: float = 0.8
+    topk_per_image: int = 100
+    panoptic: bool = True
+    instance: bool = True
+    semantic: bool = True
+
+
+@dataclass
+class ModelConfig:
+    num_classes: int = 133
+    # Contiguous ids of the "thing" classes: instance output and panoptic instances use them.
+    thing_classes: list[int] = field(default_factory=lambda: list(range(80)))
+    size_divisibility: int = 32
+    pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB, 0-255
+    pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def read_yaml(path):
+    """The merged dictionary of a YAML file and its `_base_` chain."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    merged = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = merge(merged, read_yaml(path.parent / base))
+    return merge(merged, data)
+
+
+def merge(base, update):
+    """`update` over `base`, dictionaries merged key by key, everything else replaced."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def apply_overrides(data, overrides):
+    """Set `a.b.c=value` strings into the nested dict; values are parsed as YAML scalars/lists."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+        node[leaf] = yaml.safe_load(text) if text else ""
+    return data
+
+
+def from_dict(cls, data, where="config", prefix=""):
+    """Build dataclass `cls` from a nested dict, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key '{name}' (valid keys here: {', '.join(fields)})")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = from_dict(kind, value, where, name + ".")
+        else:
+            kwargs[key] = check_type(value, kind, where, name)
+    return cls(**kwargs)
+
+
+def check_type(value, kind, where, name):
+    origin = typing.get_origin(kind)
+    if origin is list:
+        (item,) = typing.get_args(kind)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: '{name}' must be a list of {item.__name__}, got {value!r}")
+        return [check_type(v, item, where, f"{name}[{i}]") for i, v in enumerate(value)]
+    if kind is float and isinstance(value, str):
+        try:  # YAML reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}: '{name}' must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def load_config(path=None, overrides=()):
+    """Config from a YAML file (or the defaults when `path` is None) plus `key=value` overrides."""
+    data = read_yaml(path) if path else {}
+    where = str(path) if path else "defaults"
+    if overrides:
+        data = apply_overrides(data, overrides)
+        where += " + command line"
+    return from_dict(Config, data, where)
+
+
+def config_to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data, where="checkpoint"):
+    return from_dict(Config, data, where)
+
+
+def save_config(cfg, path):
+    """Write the resolved config as YAML, atomically."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def atomic_write_text(path, text):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

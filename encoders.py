@@ -1,0 +1,247 @@
+"""Transformer encoders ("pixel decoders") of Mask2Former and its efficient variants.
+
+Every encoder takes the backbone features {"res2": 1/4, "res3": 1/8, "res4": 1/16, "res5": 1/32}
+and returns `(mask_features, multi_scale)`:
+
+    mask_features (B, C, H/4, W/4)   per-pixel embeddings that the decoder's queries dot with
+    multi_scale   [1/32, 1/16, 1/8]  (B, C, h, w) maps, lowest resolution first, for the decoder
+
+The pieces they share live at the top of this file: the sine position embedding, the post-norm
+deformable layer, the input projections with level embeddings, and the 1/4-resolution mask branch.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from msda import MSDeformAttn
+
+LEVELS = ("res5", "res4", "res3")  # encoder levels, lowest resolution first (official order)
+
+
+def sine_position_embedding(height, width, num_feats=128, temperature=10000, device=None):
+    """DETR's normalised 2-D sine embedding of a (height, width) grid without padding.
+
+    Returns (2·num_feats, height, width): the first num_feats channels encode y, the rest x,
+    each as interleaved sin/cos of position·2π/extent at geometric frequencies.
+    """
+    eps, scale = 1e-6, 2 * math.pi
+    y = torch.arange(1, height + 1, dtype=torch.float32, device=device) / (height + eps) * scale  # (H,)
+    x = torch.arange(1, width + 1, dtype=torch.float32, device=device) / (width + eps) * scale  # (W,)
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)  # (F,)
+    pos_y = y[:, None] / dim_t  # (H, F)
+    pos_x = x[:, None] / dim_t  # (W, F)
+    pos_y = torch.stack([pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()], dim=2).flatten(1)  # (H, F), sin/cos interleaved
+    pos_x = torch.stack([pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()], dim=2).flatten(1)  # (W, F)
+    return torch.cat([
+        pos_y[:, None, :].expand(height, width, num_feats),
+        pos_x[None, :, :].expand(height, width, num_feats),
+    ], dim=2).permute(2, 0, 1)  # (2F, H, W)
+
+
+def reference_points(spatial_shapes, device=None):
+    """Pixel centres of every level, normalised to [0, 1]: (1, S, 2) as (x, y).
+
+    Without a padding mask every level covers the same image area, so one normalised point
+    serves as the reference on every level.
+    """
+    points = []
+    for h, w in spatial_shapes:
+        y, x = torch.meshgrid(
+            torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device) / h,
+            torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device) / w,
+            indexing="ij",
+        )
+        points.append(torch.stack([x.flatten(), y.flatten()], -1))  # (h*w, 2)
+    return torch.cat(points)[None]  # (1, S, 2)
+
+
+def flatten_maps(maps):
+    """[(B, C, h_l, w_l)] -> tokens (B, S, C) and the list of (h_l, w_l) ints."""
+    shapes = [tuple(m.shape[-2:]) for m in maps]
+    return torch.cat([m.flatten(2).transpose(1, 2) for m in maps], dim=1), shapes
+
+
+def unflatten_tokens(tokens, shapes):
+    """Tokens (B, S, C) -> [(B, C, h_l, w_l)], the inverse of `flatten_maps`."""
+    B, _, C = tokens.shape
+    chunks = tokens.split([h * w for h, w in shapes], dim=1)
+    return [t.transpose(1, 2).reshape(B, C, h, w) for t, (h, w) in zip(chunks, shapes)]
+
+
+class DeformableEncoderLayer(nn.Module):
+    """Post-norm layer: deformable self-attention, then a ReLU feed-forward network.
+
+    Parameter names follow the official layer so checkpoints map one to one.
+    """
+
+    def __init__(self, dim=256, n_levels=3, heads=8, points=4, ffn_dim=1024, dropout=0.0):
+        super().__init__()
+        self.self_attn = MSDeformAttn(dim, n_levels, heads, points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.dropout2 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.dropout3 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, src, pos, ref, spatial_shapes, value=None):
+        """src (B, Lq, C) queries; pos (1 or B, Lq, C); ref (1 or B, Lq, 2) in [0, 1];
+        value (B, S, C) over `spatial_shapes` (default: the queries themselves). Returns (B, Lq, C)."""
+        value = src if value is None else value
+        # The same normalised reference on every level: (·, Lq, 2) -> (B, Lq, L, 2).
+        ref = ref[:, :, None].expand(src.shape[0], -1, len(spatial_shapes), -1)
+        src = self.norm1(src + self.dropout1(self.self_attn(src + pos, ref, value, spatial_shapes)))
+        return self.norm2(src + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(src))))))
+
+
+class InputProjection(nn.Module):
+    """Per level a 1x1 conv (with bias) and GroupNorm(32) to the encoder width, plus a learned
+    level embedding that tells the attention which scale a token comes from."""
+
+    def __init__(self, in_channels, dim=256):
+        super().__init__()
+        self.proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c, dim, kernel_size=1), nn.GroupNorm(32, dim)) for c in in_channels
+        )
+        self.level_embed = nn.Parameter(torch.empty(len(in_channels), dim))
+        for conv, _ in self.proj:
+            nn.init.xavier_uniform_(conv.weight, gain=1)
+            nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.level_embed)
+
+    def forward(self, maps):
+        """maps: [(B, C_l, h_l, w_l)] lowest resolution first -> [(B, dim, h_l, w_l)]."""
+        return [proj(x) for proj, x in zip(self.proj, maps)]
+
+    def position(self, shapes, device):
+        """Sine position + level embedding of every token: (1, S, dim)."""
+        dim = self.level_embed.shape[1]
+        return torch.cat([
+            sine_position_embedding(h, w, dim // 2, device=device).flatten(1).T + self.level_embed[level]
+            for level, (h, w) in enumerate(shapes)
+        ])[None]
+
+
+def c2_xavier_fill(conv):
+    """detectron2's init for the FPN-style convs: kaiming-uniform with a=1, zero bias."""
+    nn.init.kaiming_uniform_(conv.weight, a=1)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+
+
+class MaskBranch(nn.Module):
+    """The 1/4-resolution pixel embedding: FPN-style fusion of res2 with the upsampled 1/8
+    encoder output, then the 1x1 `mask_features` conv.
+
+    kind = "conv": 3x3 conv + GN + ReLU after the fusion (Mask2Former);
+           "lpe_max" / "lpe_avg": PRO-SCALE's light pixel embedding, a 3x3 stride-1 max (or
+           average) pool + GN + ReLU in place of the 3x3 conv.
+    """
+
+    KINDS = ("conv", "lpe_max", "lpe_avg")
+
+    def __init__(self, in_channels, dim=256, kind="conv"):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown mask branch {kind!r}; valid: {', '.join(self.KINDS)}")
+        self.lateral = nn.Sequential(nn.Conv2d(in_channels, dim, kernel_size=1, bias=False), nn.GroupNorm(32, dim))
+        if kind == "conv":
+            smooth = nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False)
+            c2_xavier_fill(smooth)
+        elif kind == "lpe_max":
+            smooth = nn.MaxPool2d(kernel_size=3, stride=1, padding=1)
+        else:
+            smooth = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
+        self.output = nn.Sequential(smooth, nn.GroupNorm(32, dim), nn.ReLU())
+        self.mask_features = nn.Conv2d(dim, dim, kernel_size=1)
+        c2_xavier_fill(self.lateral[0])
+        c2_xavier_fill(self.mask_features)
+
+    def forward(self, res2, coarse):
+        """res2 (B, C2, H/4, W/4); coarse (B, dim, H/8, W/8) -> mask features (B, dim, H/4, W/4)."""
+        x = self.lateral(res2) + F.interpolate(coarse, size=res2.shape[-2:], mode="bilinear", align_corners=False)
+        return self.mask_features(self.output(x))
+
+
+def normalise_exit(exit, num_layers, batch_size, device):
+    """`exit` as None (all layers) or a (B,) LongTensor of per-image exits in 1..num_layers."""
+    if exit is None:
+        return None
+    exits = torch.as_tensor(exit, dtype=torch.long, device=device).expand(batch_size)
+    if not torch.compiler.is_compiling():  # a data-dependent check would break the graph
+        if exits.min() < 1 or exits.max() > num_layers:
+            raise ValueError(f"exit must be in 1..{num_layers}, got {exits.tolist()}")
+    return exits
+
+
+def run_layers(layers, src, exits, *args, **kwargs):
+    """Run `layers` in order on tokens src (B, S, C); image b stops after layer exits[b].
+
+    Layer l runs only on the images whose exit is >= l, so a batch gives each image what it
+    would get alone, and compute falls with depth (ECO-M2F's image-adaptive inference).
+    """
+    for depth, layer in enumerate(layers, start=1):
+        if exits is None:
+            src = layer(src, *args, **kwargs)
+            continue
+        active = exits >= depth  # (B,)
+        if not active.any():
+            break
+        if active.all():
+            src = layer(src, *args, **kwargs)
+        else:
+            idx = active.nonzero()[:, 0]
+            sub = {k: (v[idx] if torch.is_tensor(v) and v.shape[0] == src.shape[0] else v) for k, v in kwargs.items()}
+            src = src.index_copy(0, idx, layer(src[idx], *args, **sub))
+    return src
+
+
+class M2FEncoder(nn.Module):
+    """Mask2Former's encoder: `layers` deformable layers over all tokens of 1/32, 1/16 and 1/8,
+    then the mask branch at 1/4. `exit=k` stops after layer k (ECO-M2F)."""
+
+    def __init__(self, in_channels, dim=256, heads=8, points=4, ffn_dim=1024, layers=6, dropout=0.0,
+                 mask_branch="conv"):
+        """in_channels: dict of backbone channels for res2..res5."""
+        super().__init__()
+        self.input_proj = InputProjection([in_channels[name] for name in LEVELS], dim)
+        self.layers = nn.ModuleList(
+            DeformableEncoderLayer(dim, len(LEVELS), heads, points, ffn_dim, dropout) for _ in range(layers)
+        )
+        for layer in self.layers:  # official: xavier on every matrix, then MSDeformAttn's own init
+            for p in layer.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+            layer.self_attn.reset_parameters()
+        self.mask_branch = MaskBranch(in_channels["res2"], dim, mask_branch)
+
+    @property
+    def num_exits(self):
+        return len(self.layers)
+
+    def forward(self, features, exit=None):
+        """features: res2..res5 maps (B, C_l, H_l, W_l); exit: None | int | LongTensor (B,).
+        Returns mask_features (B, dim, H/4, W/4) and [1/32, 1/16, 1/8] maps (B, dim, h, w)."""
+        maps = self.input_proj([features[name] for name in LEVELS])
+        src, shapes = flatten_maps(maps)  # (B, S, dim)
+        pos = self.input_proj.position(shapes, src.device)  # (1, S, dim)
+        ref = reference_points(shapes, src.device)  # (1, S, 2)
+        exits = normalise_exit(exit, len(self.layers), src.shape[0], src.device)
+        src = run_layers(self.layers, src, exits, pos, ref, shapes)
+        multi_scale = unflatten_tokens(src, shapes)
+        return self.mask_branch(features["res2"], multi_scale[-1]), multi_scale
+
+
+def build_encoder(cfg, in_channels):
+    """The encoder named by `cfg.name` (an EncoderConfig) for backbone channels `in_channels`."""
+    builders = {
+        "m2f": lambda: M2FEncoder(in_channels, cfg.dim, cfg.heads, cfg.points, cfg.ffn_dim, cfg.layers,
+                                  cfg.dropout, cfg.mask_branch),
+    }
+    if cfg.name not in builders:
+        raise ValueError(f"unknown encoder {cfg.name!r}; valid: {', '.join(builders)}")
+    return builders[cfg.name]()
