@@ -36,7 +36,12 @@ class EncoderConfig:
     ffn_dim: int = 1024
     layers: int = 6
     dropout: float = 0.0
-    mask_branch: str = "conv"  # 1/4-resolution branch: conv (3x3 conv), lpe_max / lpe_avg (PRO-SCALE LPE)
+    mask_branch: str = "conv"  # 1/4 branch: conv (3x3 conv), lpe_max / lpe_avg (PRO-SCALE LPE), none (C1)
+    # PRO-SCALE (name: proscale)
+    depths: list[int] = field(default_factory=lambda: [3, 3, 3])  # (p1, p2, p3) layers per stage
+    trc: bool = True  # token re-calibration
+    trc_epsilon: float = 0.1
+    trc_official_layout: bool = False  # reproduce the official token-to-map reshape (no transpose)
 
 
 @dataclass
@@ -87,8 +92,66 @@ class ModelConfig:
 
 
 @dataclass
+class SplitConfig:
+    """One split in COCO panoptic format; paths are relative to DataConfig.root."""
+
+    images: str = ""  # image folder (Cityscapes: files may sit in per-city subfolders)
+    panoptic: str = ""  # folder of RGB-encoded id PNGs
+    json: str = ""  # panoptic JSON: images, annotations[].segments_info, categories
+    instances: str = ""  # instance JSON for AP; "" = derived from the panoptic annotations
+
+
+@dataclass
+class DataConfig:
+    # Dataset root; "" = $DETECTRON2_DATASETS, or ./datasets when that is unset.
+    root: str = ""
+    # The built-in synthetic set (`python data.py synth --out datasets/synthetic`) unless a
+    # config names another dataset.
+    train: SplitConfig = field(default_factory=lambda: SplitConfig(
+        "synthetic/train/images", "synthetic/train/panoptic", "synthetic/train/panoptic.json",
+        "synthetic/train/instances.json"))
+    val: SplitConfig = field(default_factory=lambda: SplitConfig(
+        "synthetic/val/images", "synthetic/val/panoptic", "synthetic/val/panoptic.json",
+        "synthetic/val/instances.json"))
+    augment: str = "lsj"  # lsj (COCO), cityscapes, none
+    crop_size: list[int] = field(default_factory=lambda: [1024, 1024])  # (H, W) of the training crop
+    min_scale: float = 0.1  # LSJ: scale range of the crop size
+    max_scale: float = 2.0
+    short_side: list[int] = field(default_factory=lambda: [512, 2048])  # cityscapes: short side range
+    max_size: int = 4096  # cityscapes: long side limit in training
+    color_jitter: bool = False  # cityscapes: SSD-style photometric distortion
+    test_short_side: int = 800  # test-time resize (Cityscapes: 1024 / 2048)
+    test_max_size: int = 1333
+    workers: int = 4  # data loader processes per rank
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16  # global, over all ranks
+    iterations: int = 368750  # 50 COCO epochs
+    lr: float = 1e-4
+    weight_decay: float = 0.05  # 0 for norms, embeddings and Swin relative position tables
+    backbone_lr_multiplier: float = 0.1
+    clip_grad_norm: float = 0.01  # full-model L2 norm
+    schedule: str = "step"  # step (lr x gamma at each of `steps`), poly (Cityscapes)
+    steps: list[int] = field(default_factory=lambda: [327778, 355092])
+    gamma: float = 0.1
+    poly_power: float = 0.9
+    amp: str = "fp16"  # fp16 (with a grad scaler, as the official code), bf16, fp32 (no autocast)
+    seed: int = 0
+    checkpoint_every: int = 5000
+    evaluate: bool = True  # evaluate on the val split at the end (and every eval_every iterations)
+    eval_every: int = 0  # 0 = only at the end
+    log_every: int = 20
+    compile: bool = False  # torch.compile the model
+    tensorboard: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 # ---- loading ------------------------------------------------------------------------------
@@ -140,8 +203,10 @@ def apply_overrides(data, overrides):
     return data
 
 
-def from_dict(cls, data, where="config", prefix=""):
-    """Build dataclass `cls` from a nested dict, checking every key and type."""
+def from_dict(cls, data, where="config", prefix="", default=None):
+    """Build dataclass `cls` from a nested dict, checking every key and type. Keys not in the
+    dict keep their value in `default` (an instance of cls; the class defaults if None)."""
+    default = cls() if default is None else default
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -153,10 +218,10 @@ def from_dict(cls, data, where="config", prefix=""):
             raise ConfigError(f"{where}: unknown key '{name}' (valid keys here: {', '.join(fields)})")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
-            kwargs[key] = from_dict(kind, value, where, name + ".")
+            kwargs[key] = from_dict(kind, value, where, name + ".", getattr(default, key))
         else:
             kwargs[key] = check_type(value, kind, where, name)
-    return cls(**kwargs)
+    return dataclasses.replace(default, **kwargs)
 
 
 def check_type(value, kind, where, name):

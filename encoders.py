@@ -139,16 +139,24 @@ class MaskBranch(nn.Module):
 
     kind = "conv": 3x3 conv + GN + ReLU after the fusion (Mask2Former);
            "lpe_max" / "lpe_avg": PRO-SCALE's light pixel embedding, a 3x3 stride-1 max (or
-           average) pool + GN + ReLU in place of the 3x3 conv.
+           average, PRO-SCALE Table 14) pool + GN + ReLU in place of the 3x3 conv;
+           "none": no res2 branch at all, the mask features come from the 1/8 map (ablation C1).
     """
 
-    KINDS = ("conv", "lpe_max", "lpe_avg")
+    KINDS = ("conv", "lpe_max", "lpe_avg", "none")
 
     def __init__(self, in_channels, dim=256, kind="conv"):
         super().__init__()
         if kind not in self.KINDS:
             raise ValueError(f"unknown mask branch {kind!r}; valid: {', '.join(self.KINDS)}")
+        self.mask_features = nn.Conv2d(dim, dim, kernel_size=1)
+        c2_xavier_fill(self.mask_features)
+        self.stride = 8 if kind == "none" else 4  # resolution of the mask features
+        if kind == "none":  # ablation C1: no res2 at all, mask features straight from the 1/8 map
+            self.lateral = self.output = None
+            return
         self.lateral = nn.Sequential(nn.Conv2d(in_channels, dim, kernel_size=1, bias=False), nn.GroupNorm(32, dim))
+        c2_xavier_fill(self.lateral[0])
         if kind == "conv":
             smooth = nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False)
             c2_xavier_fill(smooth)
@@ -157,12 +165,12 @@ class MaskBranch(nn.Module):
         else:
             smooth = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
         self.output = nn.Sequential(smooth, nn.GroupNorm(32, dim), nn.ReLU())
-        self.mask_features = nn.Conv2d(dim, dim, kernel_size=1)
-        c2_xavier_fill(self.lateral[0])
-        c2_xavier_fill(self.mask_features)
 
     def forward(self, res2, coarse):
-        """res2 (B, C2, H/4, W/4); coarse (B, dim, H/8, W/8) -> mask features (B, dim, H/4, W/4)."""
+        """res2 (B, C2, H/4, W/4); coarse (B, dim, H/8, W/8) -> mask features (B, dim, H/s, W/s)
+        at s = self.stride."""
+        if self.lateral is None:
+            return self.mask_features(coarse)
         x = self.lateral(res2) + F.interpolate(coarse, size=res2.shape[-2:], mode="bilinear", align_corners=False)
         return self.mask_features(self.output(x))
 
@@ -236,11 +244,98 @@ class M2FEncoder(nn.Module):
         return self.mask_branch(features["res2"], multi_scale[-1]), multi_scale
 
 
+class TokenRecalibration(nn.Module):
+    """PRO-SCALE's TRC: re-weight the tokens of a coarse level by a gate computed from the
+    projected 1/8 tokens s2 (before any encoder layer), resized to that level:
+
+        ŝ = s ⊙ sigmoid(ε · φ(resize(s2))),   φ = Linear(dim, 1), one φ for the 1/32 and 1/16 calls.
+
+    The official code turns token sequences (B, L, C) into maps with a plain reshape to (B, C, H, W)
+    and back, without the transpose, which mixes channels and positions. `official_layout=True`
+    reproduces that (for official checkpoints); the default is the correct transpose.
+    """
+
+    def __init__(self, dim=256, epsilon=0.1, official_layout=False):
+        super().__init__()
+        self.phi = nn.Linear(dim, 1)
+        self.epsilon, self.official_layout = epsilon, official_layout
+
+    def forward(self, tokens, shape, guide, guide_shape):
+        """tokens (B, h*w, C) of a level of size `shape`; guide (B, H*W, C) of size `guide_shape`.
+        Returns the re-calibrated tokens (B, h*w, C)."""
+        B, L, C = tokens.shape
+        if self.official_layout:
+            maps = guide.reshape(B, C, *guide_shape)  # no transpose: as the official code
+            resized = F.interpolate(maps, size=shape, mode="bilinear", align_corners=False).reshape(B, L, C)
+        else:
+            maps = guide.transpose(1, 2).reshape(B, C, *guide_shape)  # (B, C, H, W)
+            resized = F.interpolate(maps, size=shape, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
+        return tokens * torch.sigmoid(self.epsilon * self.phi(resized))  # (B, h*w, C) * (B, h*w, 1)
+
+
+class ProScaleEncoder(nn.Module):
+    """PRO-SCALE: the token sequence grows over three stages.
+
+        stage 1: p1 layers over the 1/32 tokens only (queries and values; 1 level)
+        stage 2: p2 layers over [stage-1 output, TRC(1/16 tokens)] (2 levels)
+        stage 3: p3 layers over [stage-2 output, raw 1/8 tokens] (3 levels)
+
+    Every layer has its own weights, built for its stage's number of levels; only the stage-3
+    output goes to the decoder. Position and level embeddings and reference points are those of
+    the full token set, sliced per stage. With depths (0, 0, 6) and no TRC this is M2FEncoder.
+    """
+
+    def __init__(self, in_channels, depths=(3, 3, 3), dim=256, heads=8, points=4, ffn_dim=1024, dropout=0.0,
+                 mask_branch="lpe_max", trc=True, trc_epsilon=0.1, trc_official_layout=False):
+        super().__init__()
+        if len(depths) != 3 or min(depths) < 0 or sum(depths) == 0:
+            raise ValueError(f"PRO-SCALE depths must be three counts (p1, p2, p3), not all 0; got {depths}")
+        self.depths = tuple(depths)
+        self.input_proj = InputProjection([in_channels[name] for name in LEVELS], dim)
+        self.layers = nn.ModuleList(
+            DeformableEncoderLayer(dim, stage + 1, heads, points, ffn_dim, dropout)
+            for stage, depth in enumerate(self.depths) for _ in range(depth)
+        )
+        self.trc = TokenRecalibration(dim, trc_epsilon, trc_official_layout) if trc else None
+        for p in [*self.layers.parameters(), *(self.trc.parameters() if trc else [])]:
+            if p.dim() > 1:  # official: xavier on every matrix, then MSDeformAttn's own init
+                nn.init.xavier_uniform_(p)
+        for layer in self.layers:
+            layer.self_attn.reset_parameters()
+        self.mask_branch = MaskBranch(in_channels["res2"], dim, mask_branch)
+
+    def forward(self, features, exit=None):
+        """features: res2..res5 maps (B, C_l, H_l, W_l). Returns mask_features (B, dim, H/4, W/4)
+        and [1/32, 1/16, 1/8] maps (B, dim, h, w)."""
+        if exit is not None:
+            raise ValueError("PRO-SCALE has no early exits: its stages see different token sets")
+        maps = self.input_proj([features[name] for name in LEVELS])
+        tokens, shapes = flatten_maps(maps)  # (B, S, dim)
+        pos = self.input_proj.position(shapes, tokens.device)  # (1, S, dim)
+        ref = reference_points(shapes, tokens.device)  # (1, S, 2)
+        s32, s16, s8 = tokens.split([h * w for h, w in shapes], dim=1)
+        if self.trc is not None:
+            s32 = self.trc(s32, shapes[0], s8, shapes[2])
+            s16 = self.trc(s16, shapes[1], s8, shapes[2])
+        x, layers = s32, iter(self.layers)
+        for stage, (depth, new_tokens) in enumerate(zip(self.depths, (None, s16, s8))):
+            if new_tokens is not None:
+                x = torch.cat([x, new_tokens], dim=1)  # the sequence grows by the next level
+            n = x.shape[1]
+            for _ in range(depth):
+                x = next(layers)(x, pos[:, :n], ref[:, :n], shapes[: stage + 1])
+        multi_scale = unflatten_tokens(x, shapes)
+        return self.mask_branch(features["res2"], multi_scale[-1]), multi_scale
+
+
 def build_encoder(cfg, in_channels):
     """The encoder named by `cfg.name` (an EncoderConfig) for backbone channels `in_channels`."""
     builders = {
         "m2f": lambda: M2FEncoder(in_channels, cfg.dim, cfg.heads, cfg.points, cfg.ffn_dim, cfg.layers,
                                   cfg.dropout, cfg.mask_branch),
+        "proscale": lambda: ProScaleEncoder(in_channels, cfg.depths, cfg.dim, cfg.heads, cfg.points, cfg.ffn_dim,
+                                            cfg.dropout, cfg.mask_branch, cfg.trc, cfg.trc_epsilon,
+                                            cfg.trc_official_layout),
     }
     if cfg.name not in builders:
         raise ValueError(f"unknown encoder {cfg.name!r}; valid: {', '.join(builders)}")

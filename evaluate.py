@@ -1,20 +1,45 @@
-"""Evaluation and cost: GFLOPs counted as the papers count them.
+"""Evaluation and cost: PQ / AP / mIoU over a dataset, per-image PQ, GFLOPs, FPS, pictures.
+
+    python evaluate.py --config CFG --weights CKPT [--exit K] [--out DIR] [--split val]
+                       [--max-images N] [--batch-size B] [--device cpu|cuda] [key=value ...]
+
+evaluates a checkpoint on a split (COCO panoptic format): panoptic predictions as PNGs + JSON,
+PQ/SQ/RQ by panopticapi, mask AP by pycocotools, mIoU as detectron2's SemSegEvaluator, GFLOPs
+and FPS; everything into DIR/metrics.json, with a few pictures in DIR/vis/.
 
     python evaluate.py flops --config CFG --size H W [--json] [--complete] [--exit K] [key=value ...]
 
 prints the GFLOPs of one H x W image through the eval forward and post-processing, per part
 (backbone, encoder, decoder, postprocess) and in total. No data and no weights are needed.
+
+`image_pq` is the panoptic quality of one image in memory (panopticapi's rules, [0, 1] scale),
+for ECO-M2F's Step B.
 """
 import argparse
+import io
 import json
 import math
+import pickle
 import sys
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, nullcontext, redirect_stdout
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from panopticapi.evaluation import pq_compute, pq_compute_multi_core
+from PIL import Image
+from pycocotools import mask as mask_util
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from tqdm import tqdm
+
+from config import atomic_write_text, load_config
+from data import collate, ids_to_rgb, read_panoptic_png
+from model import build_model, load_weights
 
 
 # ---- GFLOPs, counted as fvcore / detectron2 do ----
@@ -259,8 +284,12 @@ class FlopCounter(TorchFunctionMode):
         super().__exit__(exc_type, exc_val, exc_tb)
 
 
-def model_flops(model: nn.Module, height: int, width: int, complete: bool = False, **forward_kwargs) -> dict:
+def model_flops(model: nn.Module, height: int, width: int, complete: bool = False, output_size=None,
+                **forward_kwargs) -> dict:
     """GFLOPs of one image of size (height, width) through the eval forward and post-processing.
+
+    output_size: the (H, W) the post-processing resizes to, the original image size in an
+    evaluation (default: height, width); its upsampling and per-pixel steps scale with it.
 
     Returns {"backbone", "encoder", "decoder", "postprocess", "total"} in GFLOPs (1e9); total is
     the sum of the parts plus anything counted outside them.
@@ -281,13 +310,552 @@ def model_flops(model: nn.Module, height: int, width: int, complete: bool = Fals
         with torch.no_grad(), counter:
             outputs = model(images, **forward_kwargs)
             with counter.scope("postprocess"):
-                model.inference(outputs, image_sizes=[(height, width)])
+                resize = {} if output_size is None else {"output_sizes": [tuple(output_size)]}
+                model.inference(outputs, image_sizes=[(height, width)], **resize)
     finally:
         for module, flag in training.items():
             module.training = flag
     gflops = {part: counter.counts.get(part, 0) / 1e9 for part in (*parts, "postprocess")}
     gflops["total"] = sum(counter.counts.values()) / 1e9
     return gflops
+
+
+# ---- panoptic quality of one image, in memory (panopticapi semantics) ----------------------
+#
+# ECO-M2F's Step B needs the PQ of every training image at every exit: tens of thousands of
+# single-image evaluations, where writing PNGs for panopticapi would dominate. `image_pq` is
+# panopticapi's `pq_compute_single_core` followed by `PQStat.pq_average`, restricted to one image
+# and working on id maps in memory; tests/test_evaluate.py checks it against `pq_compute` on files.
+#
+# The rules, as panopticapi has them:
+#   - id 0 is VOID. Ground truth ids that no segment describes are not void: they are just pixels
+#     that no ground-truth segment owns.
+#   - a prediction and a non-crowd ground-truth segment of the same category match when
+#     IoU > 0.5, where the prediction's void pixels are left out of the union (and so out of its
+#     area); IoU > 0.5 makes every match unique, so no assignment step is needed.
+#   - unmatched non-crowd ground truth: false negative. Crowd ground truth never matches.
+#   - unmatched prediction: false positive, unless more than half of its area is void or lies in
+#     the crowd region of its own category (panopticapi keeps one crowd segment per category,
+#     the last one listed).
+#   - per category PQ = Σ IoU / (TP + FP/2 + FN/2), SQ = Σ IoU / TP (0 without TP),
+#     RQ = TP / (TP + FP/2 + FN/2); the image's values average the categories with TP+FP+FN > 0.
+#
+# One deliberate difference: panopticapi reads ground-truth areas from the JSON, we count them
+# in the id map. For consistent annotations (COCO, Cityscapes: the JSON areas are the PNG pixel
+# counts) the results are identical, and counting keeps them right when a map was resized.
+#
+# Nothing to evaluate (n == 0: no non-crowd ground truth and no prediction that counts) gives
+# pq = sq = rq = 1.0, where panopticapi would divide by zero. Step B turns per-image PQ into a
+# utility per exit: an empty image predicted empty is a perfect answer, and every exit should
+# score the same on it (so the cheapest exit wins), which 1.0 does and nan would not.
+
+VOID = 0
+OFFSET = 256 * 256 * 256  # ids are 24-bit (RGB-encoded PNGs): gt · OFFSET + pred is a unique pair key
+
+
+def _id_map(ids, name):
+    """An (H, W) id map (numpy or torch, any integer dtype) as int64 numpy, checked."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.detach().cpu().numpy()
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be an (H, W) integer id map, got shape {ids.shape} and dtype {ids.dtype}")
+    ids = ids.astype(np.int64)
+    if ids.size and (ids.min() < 0 or ids.max() >= OFFSET):
+        raise ValueError(f"{name}: segment ids must lie in [0, 2^24), got {ids.min()}..{ids.max()}")
+    return ids
+
+
+def pq_stats(gt_ids, gt_segments, pred_ids, pred_segments, categories) -> dict:
+    """Per-category panoptic statistics of one image: {category_id: {"iou", "tp", "fp", "fn"}}.
+
+    panopticapi's `pq_compute_single_core` for one image (see the section comment). gt_ids and
+    pred_ids are (H, W) id maps; gt_segments are COCO segments_info dicts ("id", "category_id",
+    "iscrowd"), pred_segments need "id" and "category_id"; both use the category ids of
+    `categories` (category id -> dict with "isthing"). Like panopticapi, it raises if the
+    prediction's map and segment list disagree or a prediction has an unknown category.
+    """
+    gt, pred = _id_map(gt_ids, "gt_ids"), _id_map(pred_ids, "pred_ids")
+    if gt.shape != pred.shape:
+        raise ValueError(f"gt_ids {gt.shape} and pred_ids {pred.shape} differ in size")
+    gt_segms = {s["id"]: s for s in gt_segments}
+    pred_segms = {s["id"]: s for s in pred_segments}
+
+    # Areas of the predicted segments, and panopticapi's sanity checks.
+    pred_area = {}
+    for label, count in zip(*np.unique(pred, return_counts=True)):
+        label = int(label)
+        if label not in pred_segms:
+            if label == VOID:
+                continue
+            raise KeyError(f"segment id {label} is in the predicted id map but not in pred_segments")
+        if pred_segms[label]["category_id"] not in categories:
+            raise KeyError(f"predicted segment {label} has unknown category_id {pred_segms[label]['category_id']}")
+        pred_area[label] = int(count)
+    if len(pred_area) != len(pred_segms):
+        absent = sorted(set(pred_segms) - set(pred_area))
+        raise KeyError(f"pred_segments lists ids {absent} that the predicted id map does not contain")
+    gt_area = dict(zip(*(a.tolist() for a in np.unique(gt, return_counts=True))))
+
+    # Intersections of every (gt id, pred id) pair present in the image.
+    pairs, counts = np.unique(gt * OFFSET + pred, return_counts=True)
+    intersection = {(int(p) // OFFSET, int(p) % OFFSET): int(n) for p, n in zip(pairs, counts)}
+
+    stats = {}
+
+    def stat(category):
+        return stats.setdefault(category, {"iou": 0.0, "tp": 0, "fp": 0, "fn": 0})
+
+    gt_matched, pred_matched = set(), set()
+    for (gt_label, pred_label), inter in intersection.items():
+        if gt_label not in gt_segms or pred_label not in pred_segms:
+            continue
+        g, p = gt_segms[gt_label], pred_segms[pred_label]
+        if g.get("iscrowd", 0) == 1 or g["category_id"] != p["category_id"]:
+            continue
+        union = pred_area[pred_label] + gt_area.get(gt_label, 0) - inter - intersection.get((VOID, pred_label), 0)
+        iou = inter / union
+        if iou > 0.5:
+            s = stat(g["category_id"])
+            s["tp"] += 1
+            s["iou"] += iou
+            gt_matched.add(gt_label)
+            pred_matched.add(pred_label)
+
+    crowd = {}  # category -> id of its crowd segment (the last listed, as in panopticapi)
+    for gt_label, g in gt_segms.items():
+        if gt_label in gt_matched:
+            continue
+        if g.get("iscrowd", 0) == 1:
+            crowd[g["category_id"]] = gt_label
+            continue
+        stat(g["category_id"])["fn"] += 1
+
+    for pred_label, p in pred_segms.items():
+        if pred_label in pred_matched:
+            continue
+        ignored = intersection.get((VOID, pred_label), 0)
+        if p["category_id"] in crowd:
+            ignored += intersection.get((crowd[p["category_id"]], pred_label), 0)
+        if ignored / pred_area[pred_label] > 0.5:
+            continue  # mostly void or crowd of its own category: neither right nor wrong
+        stat(p["category_id"])["fp"] += 1
+    return stats
+
+
+def pq_average(stats, categories, isthing=None) -> dict:
+    """panopticapi's `PQStat.pq_average`: {"pq", "sq", "rq", "n"} over the categories of
+    `categories` (things only if isthing is True, stuff only if False) with TP+FP+FN > 0,
+    on the [0, 1] scale; n == 0 gives 1.0 for all three (see the section comment)."""
+    pq = sq = rq = 0.0
+    n = 0
+    for category, info in categories.items():
+        if isthing is not None and (info["isthing"] == 1) != isthing:
+            continue
+        s = stats.get(category)
+        if s is None or s["tp"] + s["fp"] + s["fn"] == 0:
+            continue
+        n += 1
+        denominator = s["tp"] + 0.5 * s["fp"] + 0.5 * s["fn"]
+        pq += s["iou"] / denominator
+        sq += s["iou"] / s["tp"] if s["tp"] != 0 else 0
+        rq += s["tp"] / denominator
+    if n == 0:
+        return {"pq": 1.0, "sq": 1.0, "rq": 1.0, "n": 0}
+    return {"pq": pq / n, "sq": sq / n, "rq": rq / n, "n": n}
+
+
+def image_pq(gt_ids, gt_segments, pred_ids, pred_segments, categories, isthing=None) -> dict:
+    """Panoptic quality of one image: {"pq", "sq", "rq", "n"}, on the [0, 1] scale.
+
+    gt_ids, pred_ids: (H, W) integer id maps (numpy or torch), 0 = void. gt_segments: COCO
+    segments_info dicts with "id", "category_id", "iscrowd"; pred_segments: dicts with "id" and
+    "category_id" (model.panoptic_inference's output, once its contiguous labels are mapped to
+    the ids used here). categories: category id -> dict with "isthing" (1/0 or bool).
+    isthing: None (all categories), True (things) or False (stuff).
+
+    Exactly panopticapi's pq_compute restricted to this image (rules in the section comment);
+    "n" is the number of categories averaged. When n == 0 (nothing in the ground truth and no
+    prediction that counts) the image scores pq = sq = rq = 1.0: predicting nothing for an empty
+    image is perfect, and ECO-M2F's Step B needs a finite utility for every exit.
+    """
+    return pq_average(pq_stats(gt_ids, gt_segments, pred_ids, pred_segments, categories), categories, isthing)
+
+
+# ---- ground truth in other forms: instances for AP, semantic maps for mIoU -----------------
+
+
+def encode_mask(mask) -> dict:
+    """A binary (H, W) mask as COCO compressed RLE, JSON-ready (counts as str)."""
+    rle = mask_util.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return rle
+
+
+def panoptic_to_instances(panoptic, panoptic_folder, image_ids=None) -> dict:
+    """COCO instance ground truth ("images", "annotations", "categories") from panoptic ground truth.
+
+    panoptic: the panoptic JSON (a dict or a path); panoptic_folder: its PNG folder; image_ids:
+    only these images (default all). Every thing segment becomes one instance with an RLE mask,
+    its pixel area and its box; crowd segments keep iscrowd = 1, so COCOeval ignores the
+    detections they absorb. Only thing categories are listed. Used for AP when a split has no
+    instance JSON. (COCO's own instances_val2017.json is not exactly this: the panoptic masks
+    had their overlaps resolved, so AP differs from the official figure by a little.)
+    """
+    if not isinstance(panoptic, dict):
+        panoptic = json.loads(Path(panoptic).read_text())
+    things = {c["id"]: c for c in panoptic["categories"] if c["isthing"] == 1}
+    wanted = None if image_ids is None else set(image_ids)
+    images = [im for im in panoptic["images"] if wanted is None or im["id"] in wanted]
+    annotations = []
+    for ann in panoptic["annotations"]:
+        if wanted is not None and ann["image_id"] not in wanted:
+            continue
+        segments = [s for s in ann["segments_info"] if s["category_id"] in things]
+        if not segments:
+            continue
+        ids = read_panoptic_png(Path(panoptic_folder) / ann["file_name"]).numpy()
+        for s in segments:
+            rle = encode_mask(ids == s["id"])
+            area = int(mask_util.area(rle))
+            if area == 0:
+                continue  # a segment without pixels cannot be detected; COCO lists none
+            annotations.append({"id": len(annotations) + 1, "image_id": ann["image_id"],
+                                "category_id": s["category_id"], "segmentation": rle, "area": area,
+                                "bbox": mask_util.toBbox(rle).tolist(), "iscrowd": int(s.get("iscrowd", 0))})
+    return {"images": images, "annotations": annotations, "categories": list(things.values())}
+
+
+def semantic_from_panoptic(ids, segments, contiguous, ignore) -> np.ndarray:
+    """(H, W) semantic labels: the contiguous class of every segment's pixels, crowd segments
+    included (a crowd of people is still person); void and undescribed ids -> `ignore`."""
+    label_of = {s["id"]: contiguous[s["category_id"]] for s in segments}
+    present, inverse = np.unique(ids, return_inverse=True)
+    labels = np.array([label_of.get(int(i), ignore) for i in present], dtype=np.int64)
+    return labels[inverse].reshape(ids.shape)
+
+
+# ---- metrics over a dataset: PQ (panopticapi), AP (pycocotools), mIoU (detectron2's rule) ---
+
+
+@contextmanager
+def _quiet():
+    """Silence panopticapi's and pycocotools' progress prints (forked pq_compute workers
+    inherit the redirected sys.stdout too)."""
+    with redirect_stdout(io.StringIO()):
+        yield
+
+
+def panoptic_metrics(gt_json, gt_folder, pred_json, pred_folder) -> dict:
+    """PQ, SQ, RQ (0..100) for all categories, things (_th) and stuff (_st), by panopticapi's
+    pq_compute on the files. A group with no category present (no things in the evaluated images,
+    say) gets None, where pq_compute would divide by zero."""
+    groups = {"": ("All", None), "_th": ("Things", True), "_st": ("Stuff", False)}
+    with _quiet():
+        try:
+            results = pq_compute(str(gt_json), str(pred_json), str(gt_folder), str(pred_folder))
+        except ZeroDivisionError:
+            # Same statistics through pq_compute's own parts, averaging only the non-empty groups.
+            gt, pred = json.loads(Path(gt_json).read_text()), json.loads(Path(pred_json).read_text())
+            categories = {c["id"]: c for c in gt["categories"]}
+            by_image = {a["image_id"]: a for a in pred["annotations"]}
+            stat = pq_compute_multi_core([(a, by_image[a["image_id"]]) for a in gt["annotations"]],
+                                         str(gt_folder), str(pred_folder), categories)
+            results = {}
+            for name, isthing in groups.values():
+                present = [c for c, info in categories.items()
+                           if (isthing is None or (info["isthing"] == 1) == isthing)
+                           and stat[c].tp + stat[c].fp + stat[c].fn > 0]
+                results[name] = stat.pq_average(categories, isthing)[0] if present else None
+    metrics = {}
+    for suffix, (name, _) in groups.items():
+        for key in ("pq", "sq", "rq"):
+            metrics[key.upper() + suffix] = None if results[name] is None else 100 * results[name][key]
+    return metrics
+
+
+def instance_metrics(gt: dict, detections: list, image_ids) -> dict:
+    """COCO mask AP (0..100): AP, AP50, AP75, APs, APm, APl of `detections` (dicts with
+    "image_id", "category_id", "segmentation" RLE, "score") against the COCO instance ground
+    truth `gt` on `image_ids`. None where COCOeval has nothing to average (-1: no ground truth)."""
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    with _quiet():
+        coco_gt = COCO()
+        coco_gt.dataset = gt
+        coco_gt.createIndex()
+        wanted = set(image_ids)
+        has_gt = any(a["image_id"] in wanted and not a.get("iscrowd", 0) for a in gt["annotations"])
+        if not detections:
+            # loadRes cannot take an empty list. No detections: AP 0 if there was anything to find.
+            return {k: 0.0 if has_gt else None for k in keys}
+        coco_dt = coco_gt.loadRes(detections)
+        coco_eval = COCOeval(coco_gt, coco_dt, "segm")
+        coco_eval.params.imgIds = list(image_ids)
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    return {k: (100 * float(v) if v >= 0 else None) for k, v in zip(keys, coco_eval.stats[:6])}
+
+
+def confusion_matrix(pred, gt, num_classes) -> np.ndarray:
+    """(K+1, K+1) int64 counts [predicted class, true class]; true class K means ignored."""
+    index = (num_classes + 1) * np.asarray(pred, dtype=np.int64).ravel() + np.asarray(gt, dtype=np.int64).ravel()
+    return np.bincount(index, minlength=(num_classes + 1) ** 2).reshape(num_classes + 1, num_classes + 1)
+
+
+def semantic_metrics(confusion) -> dict:
+    """mIoU, fwIoU, mACC, pACC (0..100) from a confusion_matrix sum, as detectron2's
+    SemSegEvaluator: ignored pixels are left out, and a class without ground-truth pixels is
+    left out of the means (its false positives still lower the IoU of the true classes)."""
+    tp = np.diag(confusion)[:-1].astype(np.float64)
+    gt_pixels = confusion[:-1, :-1].sum(0).astype(np.float64)
+    pred_pixels = confusion[:-1, :-1].sum(1).astype(np.float64)
+    valid = gt_pixels > 0
+    if not valid.any():
+        return {"mIoU": None, "fwIoU": None, "mACC": None, "pACC": None}
+    iou = tp[valid] / (gt_pixels + pred_pixels - tp)[valid]
+    weights = gt_pixels[valid] / gt_pixels.sum()
+    return {"mIoU": 100 * iou.mean(), "fwIoU": 100 * float((iou * weights).sum()),
+            "mACC": 100 * (tp[valid] / gt_pixels[valid]).mean(), "pACC": 100 * tp.sum() / gt_pixels.sum()}
+
+
+# ---- cost: GFLOPs averaged over images, FPS --------------------------------------------------
+
+
+def average_gflops(model, sizes, exit=None, complete=False) -> dict:
+    """The mean over images of model_flops, given each image's (input size, original size).
+
+    Counting runs one forward per distinct pair (and exit), not one per image: COCO's 5000 val
+    images have a few hundred distinct pairs. ECO-M2F's per-image exits will make the exit part
+    of each image's key; for now `exit` is one int (or None) for all images.
+    """
+    if not sizes:
+        return {}
+    cost = {}
+    kwargs = {} if exit is None else {"exit": exit}
+    for key in dict.fromkeys((tuple(a), tuple(b)) for a, b in sizes):
+        (h, w), output_size = key
+        cost[key] = model_flops(model, h, w, complete=complete, output_size=output_size, **kwargs)
+    parts = next(iter(cost.values())).keys()
+    return {p: sum(cost[(tuple(a), tuple(b))][p] for a, b in sizes) / len(sizes) for p in parts}
+
+
+def _autocast(device, amp):
+    if amp == "fp32":
+        return nullcontext()
+    if amp not in ("fp16", "bf16"):
+        raise ValueError(f"amp must be fp32, fp16 or bf16, got {amp!r}")
+    return torch.autocast(torch.device(device).type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
+
+
+@torch.no_grad()
+def measure_fps(model, samples, device="cpu", exit=None, amp="fp32", warmup=2) -> float | None:
+    """Images per second at batch 1: the median over `samples` (dataset samples with "image",
+    "height", "width") of the time from the uint8 image on the host to the post-processed
+    outputs (transfer, normalisation and padding, forward, inference), after `warmup` untimed
+    runs, synchronised on CUDA. None if there are no samples."""
+    if not samples:
+        return None
+    device = torch.device(device)
+
+    def run(sample):
+        images, sizes = model.preprocess([sample["image"].to(device)])
+        with _autocast(device, amp):
+            outputs = model(images, exit=exit)
+        model.inference(outputs, sizes, output_sizes=[(sample["height"], sample["width"])])
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(warmup):
+        run(samples[0])
+    times = []
+    for sample in samples:
+        sync()
+        start = time.perf_counter()
+        run(sample)
+        sync()
+        times.append(time.perf_counter() - start)
+    return 1.0 / float(np.median(times))
+
+
+# ---- pictures: image | ground truth | prediction --------------------------------------------
+
+
+def category_color(category_id) -> np.ndarray:
+    """A fixed, bright colour per category id (the same in every picture and run)."""
+    return np.random.default_rng(9973 * int(category_id) + 1).integers(60, 256, size=3).astype(np.uint8)
+
+
+def draw_panoptic(image, ids, segments) -> np.ndarray:
+    """(H, W, 3) uint8: the image dimmed, segments painted in their category's colour, segment
+    borders white (two instances of one class stay apart), void left dark."""
+    out = (0.35 * image).astype(np.uint8)
+    for s in segments:
+        mask = ids == s["id"]
+        out[mask] = (0.35 * image[mask] + 0.65 * category_color(s["category_id"])).astype(np.uint8)
+    border = np.zeros(ids.shape, dtype=bool)
+    border[:-1] |= ids[:-1] != ids[1:]
+    border[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    out[border] = 255
+    return out
+
+
+def save_visualization(path, image, gt_ids, gt_segments, pred_ids, pred_segments, gap=4):
+    """One PNG: image | ground truth | prediction, at the ground truth's size. image: (3, h, w)
+    uint8 (resized back if needed); segments carry dataset category ids."""
+    H, W = gt_ids.shape
+    image = np.asarray(image.permute(1, 2, 0).cpu() if isinstance(image, torch.Tensor) else image, dtype=np.uint8)
+    if image.shape[:2] != (H, W):
+        image = np.asarray(Image.fromarray(image).resize((W, H), Image.BILINEAR))
+    panels = [image, draw_panoptic(image, gt_ids, gt_segments), draw_panoptic(image, pred_ids, pred_segments)]
+    canvas = np.full((H, 3 * W + 2 * gap, 3), 255, dtype=np.uint8)
+    for k, panel in enumerate(panels):
+        canvas[:, k * (W + gap): k * (W + gap) + W] = panel
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(canvas).save(path)
+
+
+# ---- dataset evaluation ----------------------------------------------------------------------
+#
+# out_dir/
+#   predictions/*.png    predicted panoptic ids, RGB-encoded (COCO panoptic format)
+#   predictions.json     {"annotations": [{"image_id", "file_name", "segments_info"}]}, dataset category ids
+#   gt_panoptic.json     the ground truth of the evaluated images, when that is not the whole split
+#   vis/*.png            image | ground truth | prediction for the first few images
+#   metrics.json         PQ/SQ/RQ (+_th, _st), AP..., mIoU..., GFLOPs, FPS; written last, atomically
+#
+# PQ, AP, mIoU and their variants are on the 0..100 scale; GFLOPs is the mean over the images of
+# each one's cost (papers' convention, post-processing at the original size included); FPS is
+# images per second at batch 1. A metric that is undefined (no thing in the ground truth for AP,
+# FPS not measured, ...) is None, null in the JSON.
+
+
+METRIC_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st",
+               "AP", "AP50", "AP75", "APs", "APm", "APl", "mIoU", "fwIoU", "mACC", "pACC",
+               "GFLOPs", "GFLOPs_parts", "FPS", "images", "exit", "batch_size", "device", "amp")
+
+
+@torch.no_grad()
+def evaluate_dataset(model, dataset, out_dir, batch_size=1, exit=None, max_images=None, device="cpu",
+                     amp="fp32", workers=0, vis_images=4, fps_images=10, flops=True, progress=True) -> dict:
+    """Evaluate `model` on `dataset` (a test-time data.PanopticDataset); returns the metrics.
+
+    model: a Mask2Former already on `device` (or anything with its preprocess / forward /
+    inference). dataset: its samples carry the test-resized "image" and the original "height" /
+    "width"; the ground truth is read from its files (json_file, panoptic_dir, instances_json)
+    at the original size, as pq_compute reads it. exit: the encoder exit of every image (None =
+    all layers). max_images: only the first N images. amp: off, fp16 or bf16 autocast.
+    workers: data loader processes. vis_images: pictures to draw. fps_images: images timed at
+    batch 1 (0 = no FPS). flops: count GFLOPs (one forward per distinct image size).
+    Writes the files listed in the section comment into out_dir.
+    """
+    out_dir = Path(out_dir)
+    pred_folder = out_dir / "predictions"
+    pred_folder.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    model.eval()
+    n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    if n == 0:
+        raise ValueError("no images to evaluate")
+    gt_json, gt_folder = Path(dataset.json_file), Path(dataset.panoptic_dir)
+    instances_json = dataset.instances_json
+    if instances_json is not None and not Path(instances_json).is_file():
+        instances_json = None  # derived from the panoptic ground truth instead
+    gt = json.loads(gt_json.read_text())
+    gt_anns = {a["image_id"]: a for a in gt["annotations"]}
+    contiguous = dataset.contiguous
+    to_dataset = {c: d for d, c in contiguous.items()}  # contiguous class -> dataset category id
+    K = dataset.num_classes
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
+                                         collate_fn=collate, num_workers=workers)
+    annotations, detections, sizes, image_ids, produced = [], [], [], [], set()
+    confusion = np.zeros((K + 1, K + 1), dtype=np.int64)
+    for batch in tqdm(loader, desc="evaluate", total=len(loader), disable=not progress):
+        images, image_sizes = model.preprocess([s["image"].to(device, non_blocking=True) for s in batch])
+        with _autocast(device, amp):
+            outputs = model(images, exit=exit)
+        results = model.inference(outputs, image_sizes,
+                                  output_sizes=[(int(s["height"]), int(s["width"])) for s in batch])
+        for sample, image_size, result in zip(batch, image_sizes, results):
+            produced.update(result)
+            image_id, H, W = sample["image_id"], int(sample["height"]), int(sample["width"])
+            image_ids.append(image_id)
+            sizes.append((tuple(image_size), (H, W)))
+            # The ground truth at the original size, read as pq_compute reads it (the sample's
+            # "ids" went through the test-time resize). An image without an annotation is all
+            # void, and pq_compute, which follows the ground truth's annotations, skips it.
+            gt_ann = gt_anns.get(image_id) or {"file_name": Path(sample["file_name"]).stem + ".png",
+                                               "segments_info": []}
+            if gt_ann["segments_info"]:
+                gt_ids = read_panoptic_png(gt_folder / gt_ann["file_name"]).numpy()  # (H, W)
+            else:
+                gt_ids = np.zeros((H, W), dtype=np.int64)
+
+            pred_ids, pred_segments = None, []
+            if "panoptic_seg" in result:
+                ids, segments = result["panoptic_seg"]
+                pred_ids = ids.cpu().numpy().astype(np.int64)
+                pred_segments = [{"id": int(s["id"]), "category_id": to_dataset[int(s["category_id"])],
+                                  "isthing": bool(s["isthing"]), "iscrowd": 0} for s in segments]
+                png = pred_folder / gt_ann["file_name"]
+                png.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(ids_to_rgb(pred_ids)).save(png)
+                annotations.append({"image_id": image_id, "file_name": gt_ann["file_name"],
+                                    "segments_info": pred_segments})
+            if "sem_seg" in result:
+                if result["sem_seg"].shape[0] != K:
+                    raise ValueError(f"the model predicts {result['sem_seg'].shape[0]} classes, the dataset has {K}")
+                pred = result["sem_seg"].argmax(0).cpu().numpy()
+                confusion += confusion_matrix(pred, semantic_from_panoptic(gt_ids, gt_ann["segments_info"],
+                                                                           contiguous, K), K)
+            if "instances" in result:
+                inst = result["instances"]
+                masks = inst["masks"].bool().cpu().numpy()
+                for mask, score, label in zip(masks, inst["scores"].tolist(), inst["labels"].tolist()):
+                    detections.append({"image_id": image_id, "category_id": to_dataset[int(label)],
+                                       "segmentation": encode_mask(mask), "score": float(score)})
+            if len(image_ids) <= vis_images and pred_ids is not None:
+                save_visualization(out_dir / "vis" / f"{Path(gt_ann['file_name']).stem}.png", sample["image"],
+                                   gt_ids, gt_ann["segments_info"], pred_ids, pred_segments)
+
+    metrics = dict.fromkeys(METRIC_KEYS)
+    metrics.update({"images": n, "exit": exit, "batch_size": batch_size, "device": str(device), "amp": amp})
+
+    # PQ: panopticapi on the files, against the ground truth of exactly the evaluated images.
+    if annotations:
+        atomic_write_text(out_dir / "predictions.json", json.dumps({"annotations": annotations}))
+        if set(image_ids) != set(gt_anns):
+            wanted = set(image_ids)
+            subset = {**gt, "images": [im for im in gt["images"] if im["id"] in wanted],
+                      "annotations": [a for a in gt["annotations"] if a["image_id"] in wanted]}
+            gt_json = out_dir / "gt_panoptic.json"
+            atomic_write_text(gt_json, json.dumps(subset))
+        metrics.update(panoptic_metrics(gt_json, gt_folder, out_dir / "predictions.json", pred_folder))
+
+    # AP: pycocotools on the instance ground truth (the split's file, or derived from the panoptic one).
+    if "instances" in produced:
+        if instances_json is not None:
+            instance_gt = json.loads(instances_json.read_text())
+        else:
+            instance_gt = panoptic_to_instances(gt, gt_folder, image_ids)
+        metrics.update(instance_metrics(instance_gt, detections, image_ids))
+
+    if confusion.any():
+        metrics.update(semantic_metrics(confusion))
+
+    if flops:
+        gflops = average_gflops(model, sizes, exit)
+        metrics["GFLOPs"] = gflops["total"]
+        metrics["GFLOPs_parts"] = gflops
+    if fps_images:
+        samples = [dataset[i] for i in range(min(fps_images, n))]
+        metrics["FPS"] = measure_fps(model, samples, device, exit, amp)
+
+    atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
 
 
 # ---- command line --------------------------------------------------------------------------
@@ -300,23 +868,66 @@ def print_flops(cfg_path, size, flops, complete):
         print(f"  {part:<12} {value:9.2f}")
 
 
-def main(argv=None):
-    from config import load_config
-    from model import build_model
+def print_metrics(metrics, out_dir):
+    def fmt(value, digits=2):
+        return "-" if value is None else f"{value:.{digits}f}"
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    flops = sub.add_parser("flops", help="GFLOPs of one image of a given size (no data, no weights)")
-    flops.add_argument("--config", required=True, help="YAML config")
-    flops.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[800, 1088],
-                       help="image height and width (default 800 1088, COCO's test size for 4:3 images)")
-    flops.add_argument("--exit", type=int, default=None, help="encoder exit k (default: all layers)")
-    flops.add_argument("--complete", action="store_true",
-                       help="also count the deformable sampling and the masked attention's QK^T")
-    flops.add_argument("--json", action="store_true", help="print one JSON object")
-    flops.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    args = parser.parse_args(argv)
+    exit = "all layers" if metrics["exit"] is None else f"exit {metrics['exit']}"
+    print(f"{metrics['images']} images, {exit}, {metrics['device']}:")
+    print(f"  PQ {fmt(metrics['PQ'])}  PQ_th {fmt(metrics['PQ_th'])}  PQ_st {fmt(metrics['PQ_st'])}  "
+          f"AP {fmt(metrics['AP'])}  mIoU {fmt(metrics['mIoU'])}  "
+          f"GFLOPs {fmt(metrics['GFLOPs'])}  FPS {fmt(metrics['FPS'], 1)}")
+    print(f"  written to {out_dir}/metrics.json")
 
+
+def flops_parser():
+    parser = argparse.ArgumentParser(prog="evaluate.py flops",
+                                     description="GFLOPs of one image of a given size (no data, no weights).")
+    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[800, 1088],
+                        help="image height and width (default 800 1088, COCO's test size for 4:3 images)")
+    parser.add_argument("--exit", type=int, default=None, help="encoder exit k (default: all layers)")
+    parser.add_argument("--complete", action="store_true",
+                        help="also count the deformable sampling and the masked attention's QK^T")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser
+
+
+def eval_parser():
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py [eval]", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="`python evaluate.py flops -h` for the GFLOPs command.")
+    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument("--weights", required=True, help="checkpoint: train.py's, a state dict, or an official .pkl")
+    parser.add_argument("--exit", type=int, default=None, help="encoder exit k for every image (default: all layers)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: eval_<split>[_exit<k>] next to the weights)")
+    parser.add_argument("--split", default="val", choices=("train", "val"))
+    parser.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--amp", default="fp32", choices=("fp32", "fp16", "bf16"), help="autocast for the forward")
+    parser.add_argument("--workers", type=int, default=None, help="data loader processes (default: data.workers)")
+    parser.add_argument("--vis", type=int, default=4, help="pictures to draw (default 4)")
+    parser.add_argument("--fps-images", type=int, default=10, help="images timed at batch 1 (0: no FPS)")
+    parser.add_argument("--no-flops", action="store_true", help="do not count GFLOPs")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser
+
+
+def load_weights_checked(model, path, cfg_path):
+    """load_weights(strict=True), with errors that name the file."""
+    try:
+        load_weights(model, path, strict=True)
+    except (RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        # load_state_dict reports shape mismatches without the file; torch.load's errors vary.
+        message = str(e) if str(path) in str(e) else f"{path}: {e}"
+        raise ValueError(f"{message}\n(do these weights belong to the model of {cfg_path}?)") from None
+
+
+def run_flops(args):
     cfg = load_config(args.config, args.overrides)
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -326,6 +937,77 @@ def main(argv=None):
         print(json.dumps({"size": list(args.size), "gflops": result}))
     else:
         print_flops(args.config, args.size, result, args.complete)
+
+
+def run_eval(args):
+    import data
+
+    cfg = load_config(args.config, args.overrides)
+    if not Path(args.weights).is_file():  # before minutes of loading data
+        raise FileNotFoundError(f"{args.weights}: weights file not found")
+    dataset = data.build_dataset(cfg.data, args.split, train=False)
+    things = sorted(dataset.thing_classes)
+    if dataset.num_classes != cfg.model.num_classes or things != sorted(cfg.model.thing_classes):
+        raise ValueError(
+            f"{args.config}: model.num_classes={cfg.model.num_classes}, model.thing_classes="
+            f"{cfg.model.thing_classes}, but {dataset.json_file} has {dataset.num_classes} classes, things {things} "
+            "(contiguous ids: categories sorted by id)")
+    model = build_model(cfg)
+    load_weights_checked(model, args.weights, args.config)
+    model.to(args.device)
+    out = args.out or Path(args.weights).parent / (
+        f"eval_{args.split}" + ("" if args.exit is None else f"_exit{args.exit}"))
+    metrics = evaluate_dataset(model, dataset, out, batch_size=args.batch_size, exit=args.exit,
+                               max_images=args.max_images, device=args.device, amp=args.amp,
+                               workers=cfg.data.workers if args.workers is None else args.workers,
+                               vis_images=args.vis, fps_images=args.fps_images, flops=not args.no_flops)
+    print_metrics(metrics, out)
+    return metrics
+
+
+def report_parser():
+    parser = argparse.ArgumentParser(prog="evaluate.py report",
+                                     description="One table from the metrics.json of several evaluations.")
+    parser.add_argument("runs", nargs="+", metavar="NAME=DIR", help="a row name and its evaluation folder")
+    parser.add_argument("--out", help="also write the table (Markdown, with the pictures) to this file")
+    return parser
+
+
+def run_report(args):
+    """Print (and optionally save) PQ, AP, mIoU, GFLOPs and FPS of several evaluations side by side."""
+    header = "| model | PQ | PQ_th | PQ_st | AP | mIoU | encoder GFLOPs | total GFLOPs | FPS |"
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    pictures = []
+    for item in args.runs:
+        name, sep, folder = item.partition("=")
+        if not sep:
+            raise SystemExit(f"report: {item!r} is not NAME=DIR")
+        path = Path(folder) / "metrics.json"
+        if not path.exists():
+            raise SystemExit(f"report: {path} does not exist (run evaluate.py first)")
+        m = json.loads(path.read_text())
+        encoder = (m.get("GFLOPs_parts") or {}).get("encoder")
+        cells = [m.get(k) for k in ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")] + [encoder, m.get("GFLOPs"), m.get("FPS")]
+        lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")
+        pictures += [f"![{name}]({p.resolve()})" for p in sorted((Path(folder) / "vis").glob("*.png"))[:1]]
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        atomic_write_text(args.out, table + "\n\n" + "\n".join(pictures) + "\n")
+        print(f"report written to {args.out}")
+
+
+def main(argv=None):
+    """`evaluate.py flops ...` counts GFLOPs; `evaluate.py report ...` tabulates evaluations;
+    `evaluate.py [eval] ...` evaluates a checkpoint."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in ("flops", "eval", "report") else "eval"
+    if command == "flops":
+        run_flops(flops_parser().parse_args(argv))
+    elif command == "report":
+        run_report(report_parser().parse_args(argv))
+    else:
+        run_eval(eval_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -407,6 +407,8 @@ class HungarianMatcher(nn.Module):
                 cost = (self.cost_mask * pairwise_sigmoid_ce(out_points, tgt_points)
                         + self.cost_class * cost_class
                         + self.cost_dice * pairwise_dice(out_points, tgt_points))  # (Q, n)
+            if not torch.isfinite(cost).all():
+                raise FloatingPointError("non-finite matching cost: the predictions hold NaN or inf")
             pred_idx, tgt_idx = linear_sum_assignment(cost.cpu().numpy())
             indices.append((torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64)))
         return indices
@@ -693,8 +695,9 @@ class Mask2Former(nn.Module):
         """
         cfg = self.cfg.inference
         output_sizes = output_sizes or image_sizes
-        masks = outputs["pred_masks"]  # (B, Q, H/4, W/4) of the padded batch
-        padded = (masks.shape[-2] * 4, masks.shape[-1] * 4)
+        masks = outputs["pred_masks"]  # (B, Q, H/s, W/s) of the padded batch
+        stride = self.encoder.mask_branch.stride
+        padded = (masks.shape[-2] * stride, masks.shape[-1] * stride)
         results = []
         for logits, mask_pred, size, out_size in zip(outputs["pred_logits"], masks, image_sizes, output_sizes):
             mask_pred = upsample_predictions(mask_pred.float(), padded, size, out_size)  # (Q, H_out, W_out)
@@ -808,3 +811,18 @@ def load_checkpoint_file(path):
     if not isinstance(data, dict):
         raise ValueError(f"{path}: no state dict inside")
     return {k: torch.as_tensor(v) for k, v in data.items()}
+
+
+def load_weights(model, path, strict=False):
+    """Load our checkpoint (train.py's, or a bare state dict) or an official detectron2 one into
+    `model`. Returns (missing, unexpected) key lists; strict=True raises if either is non-empty."""
+    state = load_checkpoint_file(path)
+    if any(k.startswith("sem_seg_head.") for k in state):  # official naming
+        state, unexpected = convert_official_state_dict(state, model)
+    else:
+        unexpected = []
+    result = model.load_state_dict(state, strict=False)
+    missing, unexpected = list(result.missing_keys), unexpected + list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        raise ValueError(f"{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+    return missing, unexpected

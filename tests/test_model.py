@@ -138,6 +138,10 @@ def test_config_inheritance_and_overrides(tmp_path):
     assert cfg.model.loss.mask_weight == 1e-4  # "1e-4" is a string to YAML; the float field takes it
     again = config.config_from_dict(config.config_to_dict(cfg))
     assert again == cfg
+    # a partial override of a nested section keeps the section's other defaults
+    cfg = load_config(child, ["data.val.images=elsewhere"])
+    assert cfg.data.val.images == "elsewhere"
+    assert cfg.data.val.json == config.DataConfig().val.json != ""
 
 
 @pytest.mark.parametrize("text, override, message", [

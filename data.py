@@ -1,0 +1,822 @@
+"""Data: COCO-panoptic datasets, Mask2Former's training augmentations, a resumable sampler, and
+the synthetic shapes dataset.
+
+    python data.py synth --out datasets/synth [--train 200] [--val 50] [--size 128 | --size H W] [--seed 0]
+
+Every dataset is read in COCO panoptic format (DESIGN.md section 8): an image folder, a folder
+of RGB-encoded id PNGs (id = R + 256 G + 256^2 B, 0 = void) and a JSON with `images`,
+`annotations[].segments_info[]` and `categories[]`. Cityscapes is read after cityscapesscripts'
+`createPanopticImgs` conversion (images may sit in per-city subfolders).
+
+A sample is a dict:
+
+    image     uint8 (3, H, W) RGB
+    ids       int64 (H, W) panoptic segment ids, 0 = void (resized with nearest, never interpolated)
+    segments  the segments_info entries of the JSON (id, category_id, iscrowd, area, bbox; area and
+              bbox describe the stored image, not a transformed one)
+    labels    int64 (n,) contiguous class of each non-crowd segment with pixels   (__getitem__ only)
+    masks     bool (n, H, W) the pixels of those segments                         (__getitem__ only)
+    image_id, file_name, pan_file_name, height, width (the ORIGINAL size, before any transform)
+
+Augmentations are pure functions of (sample, torch.Generator): `TrainSampler` hands every item a
+seed, so a training run's data is a function of (dataset, seed) alone, whatever the number of
+loader workers, and resumes exactly from an item count.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from config import DataConfig, SplitConfig
+
+
+class DataError(ValueError):
+    """A dataset file is missing, unreadable or inconsistent; the message names the file."""
+
+
+def dataset_root(root: str) -> Path:
+    """DataConfig.root as a path: "" means $DETECTRON2_DATASETS, or ./datasets when that is unset."""
+    if root:
+        return Path(root)
+    return Path(os.environ.get("DETECTRON2_DATASETS") or "datasets")
+
+
+# ---- reading files ----------------------------------------------------------------------------
+
+
+def read_json(path):
+    path = Path(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: JSON file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read JSON file ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: invalid JSON ({e})") from None
+
+
+def read_image(path):
+    """An image file as uint8 (3, H, W) RGB. Grayscale is replicated to 3 channels, alpha is
+    dropped, palettes are expanded; the EXIF orientation is applied, as detectron2's read_image
+    does (the annotations are in the orientation the image is displayed in)."""
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img)
+            if img.mode == "P":  # a palette may carry transparency; expand it before dropping alpha
+                img = img.convert("RGBA")
+            array = np.asarray(img.convert("RGB"))  # (H, W, 3)
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read image ({e})") from None
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))  # (3, H, W)
+
+
+def read_panoptic_png(path):
+    """A COCO panoptic PNG as int64 (H, W) segment ids: R + 256 G + 256^2 B."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("RGB", "RGBA"):
+                raise DataError(f"{path}: panoptic PNG must be RGB-encoded ids (mode RGB), got mode {img.mode}")
+            array = np.asarray(img.convert("RGB"))
+    except FileNotFoundError:
+        raise DataError(f"{path}: panoptic PNG not found") from None
+    except DataError:
+        raise
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot read panoptic PNG ({e})") from None
+    rgb = torch.from_numpy(array.astype(np.int64))  # (H, W, 3)
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+
+
+def ids_to_rgb(ids):
+    """int (H, W) segment ids -> uint8 (H, W, 3) numpy, the inverse of read_panoptic_png."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
+
+
+# ---- the dataset ------------------------------------------------------------------------------
+
+
+class PanopticDataset(torch.utils.data.Dataset):
+    """One split in COCO panoptic format.
+
+    Attributes: categories (contiguous order = sorted by dataset id; each {"id", "name",
+    "isthing"} plus "color" when the JSON has one), contiguous (dataset id -> contiguous id),
+    thing_classes (contiguous ids of the things), num_classes, images (the JSON image entries
+    in JSON order), json_file, image_dir, panoptic_dir, instances_json (None when not set).
+
+    An image that has no entry in `annotations` is kept, with no segments and all pixels void
+    (its PNG is not read). Annotations of image ids not in `images` are ignored.
+    """
+
+    def __init__(self, split: SplitConfig, root, transform=None):
+        root = Path(root)
+        if not split.json:
+            raise DataError(f"split {split}: the panoptic JSON path ('json') is empty")
+        self.split = split
+        self.transform = transform
+        self.json_file = root / split.json
+        self.image_dir = root / split.images
+        self.panoptic_dir = root / split.panoptic
+        self.instances_json = root / split.instances if split.instances else None
+
+        data = read_json(self.json_file)
+        where = self.json_file
+        if not isinstance(data, dict):
+            raise DataError(f"{where}: the top level must be an object with images, annotations, categories")
+        for key in ("images", "annotations", "categories"):
+            if not isinstance(data.get(key), list):
+                raise DataError(f"{where}: missing or non-list key '{key}' (COCO panoptic format needs it)")
+        for folder, what in ((self.image_dir, "image folder"), (self.panoptic_dir, "panoptic PNG folder")):
+            if not folder.is_dir():
+                raise DataError(f"{folder}: {what} of {where} does not exist")
+
+        categories = []
+        for n, c in enumerate(data["categories"]):
+            if not isinstance(c, dict) or any(k not in c for k in ("id", "name", "isthing")):
+                raise DataError(f"{where}: categories[{n}] needs 'id', 'name' and 'isthing', got {c!r}")
+            entry = {"id": int(c["id"]), "name": c["name"], "isthing": bool(c["isthing"])}
+            if "color" in c:
+                entry["color"] = c["color"]
+            categories.append(entry)
+        self.categories = sorted(categories, key=lambda c: c["id"])
+        self.contiguous = {c["id"]: k for k, c in enumerate(self.categories)}
+        if len(self.contiguous) != len(self.categories):
+            raise DataError(f"{where}: duplicate category ids")
+        self.thing_classes = [k for k, c in enumerate(self.categories) if c["isthing"]]
+        self.num_classes = len(self.categories)
+
+        self.images = data["images"]
+        for n, img in enumerate(self.images):
+            if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
+                raise DataError(f"{where}: images[{n}] needs 'id' and 'file_name', got {img!r}")
+        by_image = {}
+        for n, ann in enumerate(data["annotations"]):
+            if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("segments_info"), list):
+                raise DataError(f"{where}: annotations[{n}] needs 'image_id' and a 'segments_info' list")
+            if ann["image_id"] in by_image:
+                raise DataError(f"{where}: two annotations for image_id {ann['image_id']}")
+            for s in ann["segments_info"]:
+                if not isinstance(s, dict) or "id" not in s or "category_id" not in s:
+                    raise DataError(f"{where}: a segment of image_id {ann['image_id']} needs 'id' and "
+                                    f"'category_id', got {s!r}")
+                if s["category_id"] not in self.contiguous:
+                    raise DataError(f"{where}: segment {s['id']} of image_id {ann['image_id']} has "
+                                    f"category_id {s['category_id']}, which is not in categories")
+                if s["id"] == 0:
+                    raise DataError(f"{where}: image_id {ann['image_id']} has a segment with id 0 (0 is void)")
+            by_image[ann["image_id"]] = ann
+        self.annotations = [by_image.get(img["id"]) for img in self.images]  # aligned with images; None = none
+
+    def __len__(self):
+        return len(self.images)
+
+    def find_image(self, file_name):
+        """images/<file_name>, else images/<city>/<file_name> (Cityscapes: the city is the file
+        name's first '_' field)."""
+        path = self.image_dir / file_name
+        if path.is_file():
+            return path
+        city = self.image_dir / file_name.split("_")[0] / file_name
+        if city.is_file():
+            return city
+        raise DataError(f"{path}: image file not found (also looked for {city}); listed in {self.json_file}")
+
+    def load(self, i) -> dict:
+        """Sample i as stored: the image, the id map and the segments, no transform, no targets."""
+        info = self.images[i]
+        ann = self.annotations[i]
+        path = self.find_image(info["file_name"])
+        image = read_image(path)  # (3, H, W)
+        H, W = image.shape[1:]
+        if (info.get("height", H), info.get("width", W)) != (H, W):
+            raise DataError(f"{path}: image is {H}x{W} but {self.json_file} says "
+                            f"{info.get('height')}x{info.get('width')} (height x width)")
+        if ann is None:
+            pan_file_name, segments = "", []
+            ids = torch.zeros(H, W, dtype=torch.int64)
+        else:
+            pan_file_name = ann.get("file_name") or Path(info["file_name"]).stem + ".png"
+            png = self.panoptic_dir / pan_file_name
+            ids = read_panoptic_png(png)  # (H, W)
+            if tuple(ids.shape) != (H, W):
+                raise DataError(f"{png}: panoptic PNG is {ids.shape[0]}x{ids.shape[1]} but its image {path} "
+                                f"is {H}x{W}")
+            segments = [dict(s) for s in ann["segments_info"]]
+            known = {s["id"] for s in segments}
+            if len(known) != len(segments):
+                raise DataError(f"{self.json_file}: image_id {info['id']} lists a segment id twice")
+            unknown = sorted(set(torch.unique(ids).tolist()) - known - {0})
+            if unknown:
+                raise DataError(f"{png}: segment id(s) {unknown[:10]} are in the PNG but not in the "
+                                f"segments_info of image_id {info['id']} in {self.json_file}")
+            # segments_info ids absent from the PNG are allowed: they have no pixels, no target.
+        return {"image": image, "ids": ids, "segments": segments, "image_id": info["id"],
+                "file_name": info["file_name"], "pan_file_name": pan_file_name, "height": H, "width": W}
+
+    def __getitem__(self, item) -> dict:
+        """item: an index, or (index, seed) from TrainSampler. The seed drives the augmentation, so
+        the output is a function of (index, seed) alone. A bare index augments with a seed drawn
+        from the global torch RNG (the usual PyTorch behaviour)."""
+        i, seed = item if isinstance(item, (tuple, list)) else (item, None)
+        sample = self.load(int(i))
+        if self.transform is not None:
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, ()))
+            sample = self.transform(sample, torch.Generator().manual_seed(int(seed)))
+        sample["labels"], sample["masks"] = panoptic_targets(sample["ids"], sample["segments"], self.contiguous)
+        return sample
+
+
+def panoptic_targets(ids, segments, contiguous):
+    """Training targets from an id map: (n,) contiguous labels and (n, H, W) bool masks of the
+    non-crowd segments that have pixels (crowd regions are ignored in training, as officially)."""
+    kept = [s for s in segments if not s.get("iscrowd", 0)]
+    seg_ids = torch.tensor([s["id"] for s in kept], dtype=torch.int64)  # (n,)
+    labels = torch.tensor([contiguous[s["category_id"]] for s in kept], dtype=torch.int64)  # (n,)
+    masks = ids[None] == seg_ids[:, None, None]  # (n, H, W)
+    present = masks.flatten(1).any(1)  # a crop or a resize can remove a segment entirely
+    return labels[present], masks[present]
+
+
+# ---- transforms -------------------------------------------------------------------------------
+#
+# Each transform is `t(sample, generator) -> sample` on the "image" (3, H, W) uint8 and the "ids"
+# (H, W) int64 of a sample; everything else passes through. Random numbers come only from the
+# generator. Geometry follows detectron2 (the official Mask2Former data pipeline): bilinear with
+# antialiasing (= PIL's BILINEAR, which detectron2 uses) for the image, PIL-style nearest (the
+# input pixel under each output pixel's centre) for the ids, so both stay aligned.
+
+
+def uniform(generator, low, high):
+    return low + (high - low) * torch.rand((), generator=generator, dtype=torch.float64).item()
+
+
+def randint(generator, low, high):
+    """An integer in [low, high)."""
+    return int(torch.randint(low, high, (), generator=generator))
+
+
+def nearest_index(n_in, n_out):
+    """For each of n_out output pixels, the input pixel under its centre (PIL NEAREST, torch
+    'nearest-exact'): (n_out,) int64."""
+    centres = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_in / n_out)
+    return centres.floor().long().clamp(max=n_in - 1)
+
+
+def resize(sample, size):
+    """Resize to size = (h, w): bilinear image, nearest ids."""
+    h, w = size
+    H, W = sample["ids"].shape
+    if (h, w) == (H, W):
+        return sample
+    image = F.interpolate(sample["image"][None].float(), size=(h, w), mode="bilinear",
+                          align_corners=False, antialias=True)[0]  # (3, h, w)
+    rows, cols = nearest_index(H, h), nearest_index(W, w)
+    ids = sample["ids"][rows[:, None], cols[None, :]]  # (h, w)
+    return {**sample, "image": image.round().clamp(0, 255).to(torch.uint8), "ids": ids}
+
+
+def crop(sample, y0, x0, h, w):
+    """The window [y0, y0 + h) x [x0, x0 + w), clipped to the image."""
+    return {**sample, "image": sample["image"][:, y0:y0 + h, x0:x0 + w], "ids": sample["ids"][y0:y0 + h, x0:x0 + w]}
+
+
+def pad(sample, h, w, image_value=128, ids_value=0):
+    """Pad at the bottom/right to at least (h, w). The ids are padded with 0 = void, so padded
+    pixels belong to no segment."""
+    H, W = sample["ids"].shape
+    if H >= h and W >= w:
+        return sample
+    h, w = max(h, H), max(w, W)
+    image = sample["image"].new_full((3, h, w), image_value)
+    image[:, :H, :W] = sample["image"]
+    ids = sample["ids"].new_full((h, w), ids_value)
+    ids[:H, :W] = sample["ids"]
+    return {**sample, "image": image, "ids": ids}
+
+
+def hflip(sample):
+    return {**sample, "image": sample["image"].flip(-1), "ids": sample["ids"].flip(-1)}
+
+
+class Compose:
+    def __init__(self, transforms):
+        self.transforms = list(transforms)
+
+    def __call__(self, sample, generator):
+        for t in self.transforms:
+            sample = t(sample, generator)
+        return sample
+
+    def __repr__(self):
+        return f"Compose({self.transforms})"
+
+
+class RandomFlip:
+    """Horizontal flip with probability `prob`."""
+
+    def __init__(self, prob=0.5):
+        self.prob = prob
+
+    def __call__(self, sample, generator):
+        return hflip(sample) if uniform(generator, 0.0, 1.0) < self.prob else sample
+
+    def __repr__(self):
+        return f"RandomFlip({self.prob})"
+
+
+class ResizeScale:
+    """detectron2 ResizeScale: draw s ~ U(min_scale, max_scale) and resize, keeping the aspect
+    ratio, to the largest size that fits in the box (s * target_h, s * target_w)."""
+
+    def __init__(self, min_scale, max_scale, target_h, target_w):
+        self.min_scale, self.max_scale, self.target_h, self.target_w = min_scale, max_scale, target_h, target_w
+
+    def __call__(self, sample, generator):
+        s = uniform(generator, self.min_scale, self.max_scale)
+        H, W = sample["ids"].shape
+        factor = min(s * self.target_h / H, s * self.target_w / W)
+        # round() is round-half-even, as detectron2's np.round.
+        return resize(sample, (max(1, round(H * factor)), max(1, round(W * factor))))
+
+    def __repr__(self):
+        return f"ResizeScale({self.min_scale}, {self.max_scale}, {self.target_h}, {self.target_w})"
+
+
+class FixedSizeCrop:
+    """detectron2 FixedSizeCrop: if the image is larger than crop_size, crop a window at offset
+    round(u * (size - crop)) with ONE u ~ U(0, 1) shared by both axes (as detectron2 does); then
+    pad the bottom/right up to crop_size (image 128, ids 0 = void)."""
+
+    def __init__(self, crop_size, pad_value=128):
+        self.crop_h, self.crop_w = crop_size
+        self.pad_value = pad_value
+
+    def __call__(self, sample, generator):
+        H, W = sample["ids"].shape
+        u = uniform(generator, 0.0, 1.0)
+        y0, x0 = round(max(H - self.crop_h, 0) * u), round(max(W - self.crop_w, 0) * u)
+        sample = crop(sample, y0, x0, self.crop_h, self.crop_w)
+        return pad(sample, self.crop_h, self.crop_w, self.pad_value)
+
+    def __repr__(self):
+        return f"FixedSizeCrop(({self.crop_h}, {self.crop_w}))"
+
+
+def shortest_edge_size(h, w, short, max_size):
+    """detectron2 ResizeShortestEdge.get_output_shape: the short side to `short`, unless the long
+    side would then exceed max_size, in which case the long side to max_size."""
+    scale = short / min(h, w)
+    newh, neww = (short, scale * w) if h < w else (scale * h, short)
+    if max(newh, neww) > max_size:
+        scale = max_size / max(newh, neww)
+        newh, neww = newh * scale, neww * scale
+    return int(newh + 0.5), int(neww + 0.5)
+
+
+class ResizeShortestEdge:
+    """detectron2 ResizeShortestEdge with "choice" sampling: the short side is one of `shorts`,
+    chosen uniformly (one value = deterministic, the test-time resize)."""
+
+    def __init__(self, shorts, max_size):
+        self.shorts, self.max_size = list(shorts), max_size
+
+    def __call__(self, sample, generator):
+        short = self.shorts[0] if len(self.shorts) == 1 else self.shorts[randint(generator, 0, len(self.shorts))]
+        H, W = sample["ids"].shape
+        return resize(sample, shortest_edge_size(H, W, short, self.max_size))
+
+    def __repr__(self):
+        return f"ResizeShortestEdge({self.shorts}, {self.max_size})"
+
+
+class RandomCrop:
+    """detectron2 RandomCrop("absolute", crop_size): a uniformly placed window of
+    min(crop, size) per axis; a smaller image is then padded bottom/right to crop_size."""
+
+    def __init__(self, crop_size, pad_value=128):
+        self.crop_h, self.crop_w = crop_size
+        self.pad_value = pad_value
+
+    def __call__(self, sample, generator):
+        H, W = sample["ids"].shape
+        h, w = min(H, self.crop_h), min(W, self.crop_w)
+        y0 = randint(generator, 0, H - h + 1)
+        x0 = randint(generator, 0, W - w + 1)
+        return pad(crop(sample, y0, x0, h, w), self.crop_h, self.crop_w, self.pad_value)
+
+    def __repr__(self):
+        return f"RandomCrop(({self.crop_h}, {self.crop_w}))"
+
+
+def rgb_to_hsv(rgb):
+    """float (3, H, W) RGB in [0, 1] -> hue (in turns, [0, 1)), saturation, value, each (H, W)."""
+    r, g, b = rgb
+    v = rgb.amax(0)
+    delta = v - rgb.amin(0)
+    s = torch.where(v > 0, delta / v.clamp(min=1e-12), torch.zeros_like(v))
+    d = delta.clamp(min=1e-12)
+    h = torch.where(v == r, ((g - b) / d) % 6, torch.where(v == g, (b - r) / d + 2, (r - g) / d + 4))
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
+    return h, s, v
+
+
+def hsv_to_rgb(h, s, v):
+    """The inverse of rgb_to_hsv: (3, H, W) RGB in [0, 1]."""
+    h6 = (h % 1.0) * 6
+    sector = h6.floor().long().clamp(max=5)  # (H, W) in 0..5
+    f = h6 - sector
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+
+    def pick(*per_sector):  # the value of each pixel's sector
+        return torch.stack(per_sector).gather(0, sector[None])[0]
+
+    return torch.stack([pick(v, q, p, p, t, v), pick(t, v, v, q, p, p), pick(p, p, t, v, v, q)])
+
+
+class ColorAugSSD:
+    """The SSD photometric distortion of Mask2Former's ColorAugSSDTransform (Cityscapes): a
+    brightness shift (delta 32), then contrast (0.5-1.5) before or after (coin flip) saturation
+    (x 0.5-1.5) and a hue shift (+-18 in OpenCV's 0-180 hue units, i.e. +-36 degrees); each step
+    happens with probability 0.5. The official code goes through OpenCV's 8-bit HSV; we convert in
+    float and quantise to uint8 after every step, as it does (brightness/contrast truncate)."""
+
+    def __init__(self, brightness_delta=32, contrast=(0.5, 1.5), saturation=(0.5, 1.5), hue_delta=18):
+        self.brightness_delta, self.contrast_range = brightness_delta, contrast
+        self.saturation_range, self.hue_delta = saturation, hue_delta
+
+    def __call__(self, sample, generator):
+        img = sample["image"].float()  # (3, H, W) 0-255
+        def coin():
+            return randint(generator, 0, 2) == 1
+
+        if coin():
+            img = (img + uniform(generator, -self.brightness_delta, self.brightness_delta)).clamp(0, 255).floor()
+        if coin():
+            steps = (self.contrast, self.saturation, self.hue)
+        else:
+            steps = (self.saturation, self.hue, self.contrast)
+        for step in steps:
+            if coin():
+                img = step(img, generator)
+        return {**sample, "image": img.to(torch.uint8)}
+
+    def contrast(self, img, generator):
+        return (img * uniform(generator, *self.contrast_range)).clamp(0, 255).floor()
+
+    def saturation(self, img, generator):
+        h, s, v = rgb_to_hsv(img / 255)
+        s = (s * uniform(generator, *self.saturation_range)).clamp(0, 1)
+        return (hsv_to_rgb(h, s, v) * 255).round()
+
+    def hue(self, img, generator):
+        h, s, v = rgb_to_hsv(img / 255)
+        shift = randint(generator, -self.hue_delta, self.hue_delta + 1) / 180  # OpenCV units -> turns
+        return (hsv_to_rgb(h + shift, s, v) * 255).round()
+
+    def __repr__(self):
+        return "ColorAugSSD()"
+
+
+def cityscapes_short_sides(short_side):
+    """The short-side choices of the Cityscapes recipe. The official list is
+    [int(x * 0.1 * 1024) for x in range(5, 21)] = 512, 614, ..., 2048 (16 values); for another
+    [low, high] we take 16 evenly spaced values (rounded, duplicates removed)."""
+    low, high = short_side
+    if (low, high) == (512, 2048):
+        return [int(x * 0.1 * 1024) for x in range(5, 21)]
+    return sorted({round(low + (high - low) * k / 15) for k in range(16)})
+
+
+def build_transform(cfg: DataConfig, train: bool):
+    """The augmentation of the official recipes.
+
+    train, augment "lsj" (COCO): RandomFlip, ResizeScale(min_scale, max_scale, crop), FixedSizeCrop(crop).
+    train, "cityscapes": ResizeShortestEdge(short sides, max_size), RandomCrop(crop),
+        ColorAugSSD (if color_jitter), RandomFlip -- the order of the official mapper.
+    train, "none": RandomFlip.
+    test: ResizeShortestEdge(test_short_side, test_max_size); None when test_short_side <= 0.
+    """
+    if len(cfg.crop_size) != 2 or min(cfg.crop_size) <= 0:
+        raise DataError(f"data.crop_size must be [height, width] > 0, got {cfg.crop_size}")
+    if not train:
+        return ResizeShortestEdge([cfg.test_short_side], cfg.test_max_size) if cfg.test_short_side > 0 else None
+    if cfg.augment == "lsj":
+        return Compose([RandomFlip(), ResizeScale(cfg.min_scale, cfg.max_scale, *cfg.crop_size),
+                        FixedSizeCrop(cfg.crop_size)])
+    if cfg.augment == "cityscapes":
+        if len(cfg.short_side) != 2 or not 0 < cfg.short_side[0] <= cfg.short_side[1]:
+            raise DataError(f"data.short_side must be [low, high] with 0 < low <= high, got {cfg.short_side}")
+        return Compose([ResizeShortestEdge(cityscapes_short_sides(cfg.short_side), cfg.max_size),
+                        RandomCrop(cfg.crop_size), *([ColorAugSSD()] if cfg.color_jitter else []), RandomFlip()])
+    if cfg.augment == "none":
+        return RandomFlip()
+    raise DataError(f"data.augment must be lsj, cityscapes or none, got {cfg.augment!r}")
+
+
+# ---- sampling and loading ---------------------------------------------------------------------
+
+
+class TrainSampler(torch.utils.data.Sampler):
+    """An infinite, deterministic stream of (dataset index, sample seed) for iteration-based
+    training that resumes exactly.
+
+    The global stream is epoch 0, 1, 2, ... where epoch e is torch.randperm(size) under a
+    generator seeded with seed + e. Element k of the global stream goes to rank k % world_size,
+    with sample seed = seed * 1_000_003 + k (unique per element of a run; it seeds the
+    augmentation of that element). `start` is the number of items this rank has already
+    consumed: the stream restarts exactly at its next item, across epoch boundaries.
+    """
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        if size <= 0:
+            raise ValueError(f"TrainSampler: the dataset is empty (size {size})")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"TrainSampler: rank {rank} is not in [0, world_size={world_size})")
+        if start < 0:
+            raise ValueError(f"TrainSampler: start must be >= 0, got {start}")
+        self.size, self.seed, self.rank, self.world_size, self.start = size, seed, rank, world_size, start
+
+    def __iter__(self):
+        k = self.start * self.world_size + self.rank  # global position of this rank's next item
+        epoch, order = -1, None
+        while True:
+            e, pos = divmod(k, self.size)
+            if e != epoch:
+                epoch, order = e, torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + e))
+            yield int(order[pos]), self.seed * 1_000_003 + k
+            k += self.world_size
+
+
+def collate(batch: list[dict]) -> list[dict]:
+    """The list of samples as is: images differ in size and the model pads them itself."""
+    return batch
+
+
+def seed_worker(worker_id):
+    """Seed numpy and `random` in a loader worker from torch's per-worker seed (which the
+    DataLoader derives from its generator). Our augmentation does not use any of them: this only
+    keeps third-party code in a transform deterministic."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def build_dataset(cfg: DataConfig, split: str, train: bool) -> PanopticDataset:
+    """The dataset of data.<split> (split "train" or "val") under dataset_root(cfg.root), with the
+    training augmentation (train=True) or the test-time resize (train=False)."""
+    if split not in ("train", "val"):
+        raise ValueError(f"build_dataset: split must be 'train' or 'val', got {split!r}")
+    return PanopticDataset(getattr(cfg, split), dataset_root(cfg.root), build_transform(cfg, train))
+
+
+def build_train_loader(cfg: DataConfig, dataset, batch_size_per_rank: int, seed: int, rank: int,
+                       world_size: int, start: int) -> torch.utils.data.DataLoader:
+    """An infinite loader of lists of samples for this rank; `start` = items this rank has
+    consumed (iteration x batch_size_per_rank) to resume exactly."""
+    sampler = TrainSampler(len(dataset), seed, rank, world_size, start)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size_per_rank, sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
+        persistent_workers=cfg.workers > 0, worker_init_fn=seed_worker,
+        generator=torch.Generator().manual_seed(seed * 1_000_003 + rank))
+
+
+# ---- the synthetic shapes dataset -------------------------------------------------------------
+#
+# Five thing classes (shapes, each with its own colour and texture) and three stuff classes
+# (textured backgrounds), with non-contiguous dataset ids so the id mapping is exercised:
+# contiguous ids are circle 0, square 1, triangle 2, ring 3, cross 4, sky 5, grass 6, wall 7.
+# Segment ids are category_id * 1000 (+ instance number for things), as Cityscapes numbers them.
+
+SYNTH_CATEGORIES = [
+    {"id": 1, "name": "circle", "isthing": 1, "color": [220, 40, 40], "supercategory": "shape"},
+    {"id": 2, "name": "square", "isthing": 1, "color": [40, 40, 45], "supercategory": "shape"},
+    {"id": 3, "name": "triangle", "isthing": 1, "color": [240, 210, 30], "supercategory": "shape"},
+    {"id": 5, "name": "ring", "isthing": 1, "color": [200, 60, 210], "supercategory": "shape"},
+    {"id": 7, "name": "cross", "isthing": 1, "color": [250, 140, 20], "supercategory": "shape"},
+    {"id": 20, "name": "sky", "isthing": 0, "color": [120, 180, 240], "supercategory": "background"},
+    {"id": 21, "name": "grass", "isthing": 0, "color": [60, 150, 50], "supercategory": "background"},
+    {"id": 22, "name": "wall", "isthing": 0, "color": [150, 110, 80], "supercategory": "background"},
+]
+SYNTH_THINGS = [c for c in SYNTH_CATEGORIES if c["isthing"]]
+SYNTH_STUFF = [c for c in SYNTH_CATEGORIES if not c["isthing"]]
+# How many things an image asks for (0..12): mostly a handful, a tail of crowded scenes.
+SYNTH_COUNT_WEIGHTS = np.array([4, 8, 10, 10, 10, 9, 8, 7, 6, 5, 4, 3, 2], dtype=np.float64)
+MIN_SEGMENT_AREA = 8  # px; smaller visible parts are not learnable targets
+
+
+def synth_stuff(rng, H, W):
+    """1-3 stuff regions: bands (horizontal or vertical) with wavy boundaries, each textured.
+    Returns the category id per pixel (H, W) and the image (H, W, 3) float."""
+    k = int(rng.integers(1, 4))
+    classes = [SYNTH_STUFF[j] for j in rng.permutation(len(SYNTH_STUFF))[:k]]
+    vertical = rng.random() < 0.3
+    L, A = (W, H) if vertical else (H, W)  # L: the axis the bands stack along, A: the other
+    along = np.arange(A) + 0.5
+    across = np.arange(L)[:, None] + 0.5  # (L, 1)
+    region = np.zeros((L, A), dtype=np.int64)
+    for b in np.sort(rng.uniform(0.2, 0.8, size=k - 1)) * L:
+        wave = b + rng.uniform(0, 0.08 * L) * np.sin(2 * np.pi * along / rng.uniform(0.4, 1.5) / A
+                                                     + rng.uniform(0, 2 * np.pi))  # (A,)
+        region += across > wave[None, :]
+    if vertical:
+        region = region.T
+    category = np.array([c["id"] for c in classes])[region]  # (H, W)
+
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float64)
+    image = np.zeros((H, W, 3))
+    for c in classes:
+        m = category == c["id"]
+        base = np.array(c["color"], dtype=np.float64) + rng.uniform(-15, 15, size=3)
+        if c["name"] == "sky":  # a smooth vertical gradient, light at the bottom
+            t = (yy[m] / H)[:, None]
+            tex = base * (0.8 + 0.35 * t) + rng.normal(0, 2, size=(m.sum(), 3))
+        elif c["name"] == "grass":  # strong green-dominant pixel noise
+            tex = base + rng.normal(0, 22, size=(m.sum(), 1)) * np.array([0.5, 1.0, 0.4])
+        else:  # wall: brick courses of two shades separated by light mortar lines
+            period = rng.integers(6, 10)
+            y = yy[m] + rng.integers(0, period)
+            shade = np.where(y // period % 2 == 0, 1.0, 0.8)[:, None]
+            mortar = (y % period < 1)[:, None]
+            tex = np.where(mortar, np.array([200.0, 195, 185]), base * shade)
+        image[m] = tex
+    return category, image
+
+
+def synth_shape(kind, dy, dx, r, angle):
+    """Boolean mask of a shape of size r centred at the origin, on pixel-centre offsets dy, dx."""
+    u = dx * np.cos(angle) + dy * np.sin(angle)  # rotated coordinates
+    v = -dx * np.sin(angle) + dy * np.cos(angle)
+    d2 = dy**2 + dx**2
+    if kind == "circle":
+        return d2 <= r**2
+    if kind == "ring":
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
+    if kind == "square":
+        return (np.abs(u) <= 0.8 * r) & (np.abs(v) <= 0.8 * r)
+    if kind == "triangle":  # equilateral, circumradius r: inside all three edges (inradius r / 2)
+        normals = angle + np.pi / 3 + 2 * np.pi * np.arange(3) / 3
+        return np.all(dx[..., None] * np.cos(normals) + dy[..., None] * np.sin(normals) <= r / 2, axis=-1)
+    if kind == "cross":
+        arm = 0.3 * r
+        return ((np.abs(u) <= r) & (np.abs(v) <= arm)) | ((np.abs(v) <= r) & (np.abs(u) <= arm))
+    raise ValueError(kind)
+
+
+def synth_texture(kind, dy, dx, r, angle, base):
+    """The colour of a shape's pixels (..., 3): the class's base colour with its texture."""
+    u = dx * np.cos(angle) + dy * np.sin(angle)
+    if kind == "circle":  # shaded like a ball
+        return base * (1.15 - 0.35 * np.sqrt(dy**2 + dx**2)[..., None] / r)
+    if kind == "square":  # a fine checkerboard
+        check = ((np.floor(dy / 2) + np.floor(dx / 2)) % 2)[..., None]
+        return base + 30 * check
+    if kind == "cross":  # stripes along the rotated axis
+        return base * (0.8 + 0.25 * (np.floor(u / 3) % 2))[..., None]
+    return base + np.zeros(dy.shape + (3,))  # triangle, ring: flat
+
+
+def synth_image(rng, H, W):
+    """One synthetic image: (H, W, 3) uint8, (H, W) int64 segment ids, segments_info."""
+    category, image = synth_stuff(rng, H, W)
+    ids = category * 1000  # stuff segment id = category id * 1000
+    owner = np.full((H, W), -1, dtype=np.int64)  # index of the thing on top of each pixel
+    things = []  # per thing: (category, segment id, in-image area)
+    visible = np.zeros(0, dtype=np.int64)  # visible pixels of each thing so far
+    n = int(rng.choice(len(SYNTH_COUNT_WEIGHTS), p=SYNTH_COUNT_WEIGHTS / SYNTH_COUNT_WEIGHTS.sum()))
+    # How much of an earlier thing a later one may hide: 0 (only touching) up to 70% of it.
+    min_visible = rng.uniform(0.3, 1.0)
+    S = min(H, W)
+    per_class = {c["id"]: 0 for c in SYNTH_THINGS}
+    for _ in range(n):
+        cat = SYNTH_THINGS[int(rng.integers(len(SYNTH_THINGS)))]
+        for _attempt in range(30):
+            r = math.exp(rng.uniform(math.log(max(4.0, 0.04 * S)), math.log(0.25 * S)))  # small to large
+            cy, cx = rng.uniform(0, H), rng.uniform(0, W)
+            angle = rng.uniform(0, 2 * np.pi)
+            y0, y1 = max(0, int(cy - r) - 1), min(H, int(cy + r) + 2)
+            x0, x1 = max(0, int(cx - r) - 1), min(W, int(cx + r) + 2)
+            dy, dx = np.mgrid[y0:y1, x0:x1] + 0.5
+            dy, dx = dy - cy, dx - cx
+            local = synth_shape(cat["name"], dy, dx, r, angle)  # (h, w) in the window
+            area = int(local.sum())
+            if area < max(12, MIN_SEGMENT_AREA):
+                continue
+            covered = owner[y0:y1, x0:x1][local]
+            lost = np.bincount(covered[covered >= 0], minlength=len(things))
+            left = visible - lost
+            if len(things) and (np.any(left < MIN_SEGMENT_AREA) or
+                                np.any(left < min_visible * np.array([t[2] for t in things]))):
+                continue
+            break
+        else:
+            continue  # no placement that keeps the earlier things visible enough
+        per_class[cat["id"]] += 1
+        seg_id = cat["id"] * 1000 + per_class[cat["id"]]
+        base = np.array(cat["color"], dtype=np.float64) * rng.uniform(0.85, 1.15) + rng.uniform(-20, 20, size=3)
+        window = (slice(y0, y1), slice(x0, x1))
+        image[window][local] = synth_texture(cat["name"], dy, dx, r, angle, base)[local]
+        ids[window][local] = seg_id
+        owner[window][local] = len(things)
+        things.append((cat["id"], seg_id, area))
+        visible = np.append(left, area)
+
+    # Stuff that things covered down to a sliver: void (0), not a target.
+    segments = []
+    for seg_id in np.unique(ids):
+        m = ids == seg_id
+        area = int(m.sum())
+        if area < MIN_SEGMENT_AREA:
+            ids[m] = 0
+            continue
+        ys, xs = np.nonzero(m)
+        bbox = [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+        segments.append({"id": int(seg_id), "category_id": int(seg_id // 1000), "iscrowd": 0,
+                         "area": area, "bbox": bbox})
+    image = image + rng.normal(0, 3, size=image.shape)  # mild sensor noise everywhere
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), ids, segments
+
+
+def write_synthetic(out, train=200, val=50, size=128, seed=0) -> None:
+    """Write the synthetic shapes dataset under `out` in COCO panoptic format:
+
+        out/{train,val}/images/000001.png     RGB images
+        out/{train,val}/panoptic/000001.png   RGB-encoded segment ids
+        out/{train,val}/panoptic.json         images, annotations (segments_info), categories
+        out/{train,val}/instances.json        COCO instance format (RLE masks) of the things, for AP
+        out/{train,val}/semantic/000001.png   contiguous class per pixel, 255 = void
+
+    size: an int (square) or (height, width). The output is a function of the arguments alone
+    (same seed -> same bytes); image i of a split draws from its own RNG stream (seed, split, i).
+    """
+    from pycocotools import mask as mask_util  # only the generator needs pycocotools
+
+    H, W = (size, size) if isinstance(size, int) else tuple(size)
+    contiguous = {c["id"]: k for k, c in enumerate(sorted(SYNTH_CATEGORIES, key=lambda c: c["id"]))}
+    semantic_lut = np.full(max(contiguous) + 1, 255, dtype=np.uint8)  # category id -> contiguous
+    for cat_id, k in contiguous.items():
+        semantic_lut[cat_id] = k
+    categories = [dict(c) for c in SYNTH_CATEGORIES]
+    for split_code, (split, count) in enumerate((("train", train), ("val", val))):
+        base = Path(out) / split
+        for folder in ("images", "panoptic", "semantic"):
+            (base / folder).mkdir(parents=True, exist_ok=True)
+        images, annotations, instances = [], [], []
+        for i in range(count):
+            rng = np.random.default_rng([seed, split_code, i])
+            image, ids, segments = synth_image(rng, H, W)
+            name = f"{i + 1:06d}.png"
+            Image.fromarray(image).save(base / "images" / name)
+            Image.fromarray(ids_to_rgb(ids)).save(base / "panoptic" / name)
+            Image.fromarray(np.where(ids > 0, semantic_lut[ids // 1000], 255).astype(np.uint8)).save(
+                base / "semantic" / name)
+            images.append({"id": i + 1, "file_name": name, "height": H, "width": W})
+            annotations.append({"image_id": i + 1, "file_name": name, "segments_info": segments})
+            for s in segments:
+                if s["category_id"] not in {c["id"] for c in SYNTH_THINGS}:
+                    continue
+                rle = mask_util.encode(np.asfortranarray((ids == s["id"]).astype(np.uint8)))
+                rle["counts"] = rle["counts"].decode("ascii")
+                instances.append({"id": len(instances) + 1, "image_id": i + 1, "category_id": s["category_id"],
+                                  "segmentation": rle, "area": s["area"], "bbox": s["bbox"], "iscrowd": 0})
+        info = {"description": f"synthetic shapes, {split}, seed {seed}", "version": "1.0"}
+        with open(base / "panoptic.json", "w") as f:
+            json.dump({"info": info, "images": images, "annotations": annotations, "categories": categories}, f)
+        with open(base / "instances.json", "w") as f:
+            json.dump({"info": info, "images": images, "annotations": instances,
+                       "categories": [{k: c[k] for k in ("id", "name", "supercategory")} for c in SYNTH_THINGS]}, f)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    synth = sub.add_parser("synth", help="write the synthetic shapes dataset (COCO panoptic format)")
+    synth.add_argument("--out", required=True, help="output folder (train/ and val/ are written inside)")
+    synth.add_argument("--train", type=int, default=200, help="training images")
+    synth.add_argument("--val", type=int, default=50, help="validation images")
+    synth.add_argument("--size", type=int, nargs="+", default=[128], metavar="S", help="S (square) or H W")
+    synth.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if len(args.size) not in (1, 2) or min(args.size) < 16:
+        parser.error(f"--size takes S or H W, each at least 16; got {args.size}")
+    start = time.time()
+    size = args.size[0] if len(args.size) == 1 else tuple(args.size)
+    write_synthetic(Path(args.out), args.train, args.val, size, args.seed)
+    print(f"wrote {args.train} train + {args.val} val images to {args.out} in {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Train Mask2Former (with any of the encoders) on one process or many.
+
+    python train.py --config configs/demo/m2f_tiny.yaml --out runs/demo [key=value ...]
+    torchrun --nproc_per_node 8 train.py --config configs/coco/m2f_r50.yaml --out runs/r50
+    python train.py --config ... --out runs/r50 --resume        # continue exactly where it stopped
+    python train.py --config ... --out runs/eco --init m2f.pt   # start from weights only
+
+The recipe is the official one (config.TrainConfig): AdamW with the backbone at 0.1x lr and no
+weight decay on norms, embeddings and Swin's relative position tables; the whole-model gradient
+clipped at L2 norm 0.01; step or poly schedule by iteration; mixed precision with the encoder
+kept in fp32. The run directory holds config.yaml (the resolved config), metrics.jsonl (one JSON
+line per logged step and per evaluation), checkpoint.pt (everything needed to resume, written
+atomically) and model_final.pt (weights and config).
+"""
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data
+from config import config_from_dict, config_to_dict, load_config, save_config
+from model import build_model, load_weights
+
+NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm,
+         torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm)
+
+
+# ---- processes -----------------------------------------------------------------------------
+
+
+def setup_distributed():
+    """(rank, world_size, device) for a plain run or a torchrun launch (nccl on GPU, gloo on CPU)."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+# ---- optimisation ----------------------------------------------------------------------------
+
+
+def build_optimizer(model, cfg):
+    """AdamW with the official parameter groups: backbone lr x backbone_lr_multiplier; weight
+    decay 0 for norm layers, nn.Embedding and Swin's relative position tables."""
+    groups = {}
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            lr = cfg.lr * (cfg.backbone_lr_multiplier if module_name.startswith("backbone") else 1.0)
+            no_decay = isinstance(module, (*NORMS, torch.nn.Embedding)) or "relative_position_bias_table" in name
+            key = (lr, 0.0 if no_decay else cfg.weight_decay)
+            groups.setdefault(key, []).append(param)
+    param_groups = [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step, cfg):
+    """Multiplier of the base lr at iteration `step`: step decay at `steps`, or poly."""
+    if cfg.schedule == "step":
+        return cfg.gamma ** sum(step >= s for s in cfg.steps)
+    if cfg.schedule == "poly":
+        return (1 - step / cfg.iterations) ** cfg.poly_power
+    raise ValueError(f"unknown schedule {cfg.schedule!r}; valid: step, poly")
+
+
+def make_targets(batch, padded_size, device):
+    """Per image {"labels", "masks"} with the masks zero-padded to the padded batch size."""
+    H, W = padded_size
+    targets = []
+    for sample in batch:
+        masks = sample["masks"]  # (n, h, w) bool
+        padded = torch.zeros((masks.shape[0], H, W), dtype=torch.bool)
+        padded[:, : masks.shape[1], : masks.shape[2]] = masks
+        targets.append({"labels": sample["labels"].to(device), "masks": padded.to(device)})
+    return targets
+
+
+# ---- checkpoints -----------------------------------------------------------------------------
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a killed write leaves the
+    previous checkpoint intact."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def rng_state():
+    """Every RNG this process draws from, in types that torch.load(weights_only=True) accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(path, model, optimizer, scaler, step, cfg, world_size):
+    """Everything to resume exactly: weights, optimizer, grad scaler, step and every rank's RNG.
+    All ranks call it (to gather their RNG states); rank 0 writes."""
+    states = [None] * world_size
+    if distributed():
+        dist.all_gather_object(states, rng_state())
+    else:
+        states = [rng_state()]
+    if not distributed() or dist.get_rank() == 0:
+        atomic_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "rng": states, "config": config_to_dict(cfg),
+                     "world_size": world_size}, path)
+
+
+def unwrap(model):
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
+
+
+# ---- logging -------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object a line. On resume, lines past the resumed step are dropped
+    so the file tells one consistent story."""
+
+    def __init__(self, path, resume_step=None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.exists():
+            lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        elif resume_step is None:
+            self.path.write_text("")
+
+    def write(self, record):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+
+def train(cfg, out_dir, resume=False, init=None):
+    rank, world_size, device = setup_distributed()
+    out_dir = Path(out_dir)
+    tc = cfg.train
+    if tc.batch_size % world_size:
+        raise ValueError(f"train.batch_size {tc.batch_size} is not divisible by {world_size} processes")
+    per_rank = tc.batch_size // world_size
+
+    checkpoint_path = out_dir / "checkpoint.pt"
+    checkpoint = None
+    if resume:
+        if not checkpoint_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if config_from_dict(checkpoint["config"]).model != cfg.model:
+            raise ValueError(f"--resume: the model config differs from the one in {checkpoint_path}")
+        if checkpoint["world_size"] != world_size:
+            raise ValueError(f"--resume: {checkpoint_path} was written by {checkpoint['world_size']} processes, "
+                             f"this run has {world_size}; exact resumption needs the same number")
+
+    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    random.seed(tc.seed)
+    model = build_model(cfg).to(device)
+    if init:
+        missing, unexpected = load_weights(model, init)
+        if rank == 0:
+            print(f"--init {init}: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
+
+    dataset = data.build_dataset(cfg.data, "train", train=True)
+    if (dataset.num_classes, sorted(dataset.thing_classes)) != (cfg.model.num_classes, sorted(cfg.model.thing_classes)):
+        raise ValueError(f"{cfg.data.train.json}: {dataset.num_classes} classes with things {dataset.thing_classes}, "
+                         f"but model.num_classes={cfg.model.num_classes}, thing_classes={cfg.model.thing_classes}")
+    start = checkpoint["step"] if checkpoint else 0
+    loader = data.build_train_loader(cfg.data, dataset, per_rank, tc.seed, rank, world_size, start * per_rank)
+    batches = iter(loader)  # created before the RNG restore: making it draws from the global RNG
+
+    optimizer = build_optimizer(model, tc)
+    base_lrs = [g["lr"] for g in optimizer.param_groups]
+    amp_dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
+    if tc.amp not in amp_dtypes:
+        raise ValueError(f"unknown train.amp {tc.amp!r}; valid: {', '.join(amp_dtypes)}")
+    amp_dtype = amp_dtypes[tc.amp]
+    scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        set_rng_state(checkpoint["rng"][rank])
+
+    train_model = model
+    if world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if tc.compile:
+        train_model = torch.compile(train_model)
+
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+        log = MetricsLog(out_dir / "metrics.jsonl", start if checkpoint else None)
+        writer = None
+        if tc.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
+
+            writer = SummaryWriter(out_dir / "tensorboard")
+        bar = tqdm(total=tc.iterations, initial=start, desc="train", dynamic_ncols=True)
+
+    model.train()
+    tick = time.perf_counter()
+    for step in range(start, tc.iterations):
+        for group, base in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base * lr_factor(step, tc)
+        batch = next(batches)
+        images, _ = model.preprocess([s["image"].to(device) for s in batch])
+        targets = make_targets(batch, images.shape[-2:], device)
+        try:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                losses = train_model(images, targets)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()}")
+        except FloatingPointError as e:  # from here or from the matcher
+            raise FloatingPointError(f"{e} at iteration {step}; stopping. The last good checkpoint is "
+                                     f"{checkpoint_path if checkpoint_path.exists() else 'none yet'}") from None
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if tc.clip_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        done = step + 1
+
+        if rank == 0:
+            bar.update(1)
+            if done % tc.log_every == 0 or done == tc.iterations:
+                seconds = (time.perf_counter() - tick) / tc.log_every
+                tick = time.perf_counter()
+                record = {"step": done, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                          "sec_per_iter": seconds,
+                          **{k: losses[k].item() for k in ("loss_ce", "loss_mask", "loss_dice")}}
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
+                if writer:
+                    for k, v in record.items():
+                        writer.add_scalar(k, v, done)
+        if done % tc.checkpoint_every == 0 or done == tc.iterations:
+            save_checkpoint(checkpoint_path, model, optimizer, scaler, done, cfg, world_size)
+        if tc.evaluate and tc.eval_every and done % tc.eval_every == 0 and done != tc.iterations:
+            run_evaluation(model, cfg, out_dir / f"eval_{done:07d}", done, log if rank == 0 else None, device)
+
+    if rank == 0:
+        bar.close()
+        atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg)}, out_dir / "model_final.pt")
+    if tc.evaluate:
+        run_evaluation(model, cfg, out_dir / "eval", tc.iterations, log if rank == 0 else None, device)
+    if distributed():
+        dist.destroy_process_group()
+    return model
+
+
+def run_evaluation(model, cfg, out_dir, step, log, device):
+    """Evaluate on the val split on rank 0 while the other ranks wait."""
+    if log is not None:
+        import evaluate
+
+        dataset = data.build_dataset(cfg.data, "val", train=False)
+        metrics = evaluate.evaluate_dataset(model, dataset, out_dir, device=device)
+        model.train()
+        log.write({"step": step, "eval": metrics})
+        print(f"iteration {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
+    if distributed():
+        dist.barrier()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument("--out", help="run directory (default runs/<config name>)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    parser.add_argument("--init", help="initial weights (ours or an official .pkl); optimizer starts fresh")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    args = parser.parse_args(argv)
+    if args.resume and args.init:
+        parser.error("--resume and --init exclude each other")
+    cfg = load_config(args.config, args.overrides)
+    train(cfg, args.out or Path("runs") / Path(args.config).stem, resume=args.resume, init=args.init)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
