@@ -14,12 +14,15 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 .PHONY: setup demo test flops
 setup: $(VENV)/.installed
 
-# Generate the synthetic dataset, train a tiny Mask2Former on CPU (it evaluates itself at the end),
-# and write the report: runs/demo/report.md, with pictures under runs/demo/*/eval/vis/.
+# Generate the synthetic dataset, train a tiny Mask2Former and its PRO-SCALE (1,1,1) twin on CPU
+# (each evaluates itself at the end), and write the report: runs/demo/report.md, with pictures
+# under runs/demo/*/eval/vis/.
 demo: setup
 	$(PY) data.py synth --out datasets/synthetic
 	$(PY) train.py --config configs/demo/m2f_tiny.yaml --out runs/demo/m2f
-	$(PY) evaluate.py report "M2F (tiny)=runs/demo/m2f/eval" --out runs/demo/report.md
+	$(PY) train.py --config configs/demo/proscale_tiny.yaml --out runs/demo/proscale
+	$(PY) evaluate.py report "M2F (tiny)=runs/demo/m2f/eval" "PRO-SCALE (1,1,1) (tiny)=runs/demo/proscale/eval" \
+		--out runs/demo/report.md
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -291,8 +291,14 @@ def model_flops(model: nn.Module, height: int, width: int, complete: bool = Fals
     output_size: the (H, W) the post-processing resizes to, the original image size in an
     evaluation (default: height, width); its upsampling and per-pixel steps scale with it.
 
-    Returns {"backbone", "encoder", "decoder", "postprocess", "total"} in GFLOPs (1e9); total is
-    the sum of the parts plus anything counted outside them.
+    Returns {"backbone", "encoder", "decoder", "postprocess", "total", "encoder_papers"} in GFLOPs
+    (1e9); total is the sum of the first four plus anything counted outside them. "encoder" is
+    everything between backbone and decoder. "encoder_papers" is the papers' encoder column: they
+    summed fvcore's counts of the pixel decoder's submodules, which misses the one op in its own
+    forward, the bilinear upsampling of the 1/8 map in the mask branch (their totals include it).
+
+    A model built on the meta device (`with torch.device("meta"): build_model(cfg)`) is counted
+    from shapes alone, in a second even for Swin-L at 1024x2048, with the same result (tested).
     """
     parameter = next(model.parameters())
     divisor = max(model.size_divisibility, 1)  # 0 means no padding, as in detectron2
@@ -305,6 +311,12 @@ def model_flops(model: nn.Module, height: int, width: int, complete: bool = Fals
     counter = FlopCounter(complete)
     for part in parts:
         counter.track(getattr(model, part), part)
+    branch = getattr(model.encoder, "mask_branch", None)
+    if branch is not None:  # the mask branch's own ops (its upsampling) apart from its submodules'
+        counter.track(branch, "mask_branch_fusion")
+        for sub in (branch.lateral, branch.output, branch.mask_features):
+            if sub is not None:
+                counter.track(sub, "encoder")
     model.eval()
     try:
         with torch.no_grad(), counter:
@@ -315,8 +327,11 @@ def model_flops(model: nn.Module, height: int, width: int, complete: bool = Fals
     finally:
         for module, flag in training.items():
             module.training = flag
+    fusion = counter.counts.pop("mask_branch_fusion", 0)
     gflops = {part: counter.counts.get(part, 0) / 1e9 for part in (*parts, "postprocess")}
-    gflops["total"] = sum(counter.counts.values()) / 1e9
+    gflops["encoder"] += fusion / 1e9
+    gflops["total"] = (sum(counter.counts.values()) + fusion) / 1e9
+    gflops["encoder_papers"] = gflops["encoder"] - fusion / 1e9
     return gflops
 
 
@@ -880,10 +895,55 @@ def print_metrics(metrics, out_dir):
     print(f"  written to {out_dir}/metrics.json")
 
 
+# The GFLOPs columns of PRO-SCALE's Tables 1, 2, 3, 6 and 7: each group's first row is the reference
+# for the reductions. COCO images are resized to short side 800 (long side <= 1333); the papers'
+# figures are those of a 4:3 image, 800x1067, padded to 800x1088. Cityscapes runs at 1024x2048.
+FLOPS_TABLE = [
+    ("COCO, Swin-T", (800, 1088), [("M2F", "coco/m2f_swin_t"), *[
+        (f"PRO-SCALE ({d[0]},{d[1]},{d[2]})", f"coco/proscale_{d}_swin_t") for d in ("111", "222", "333", "311", "131", "113")]]),
+    ("COCO, R50", (800, 1088), [("M2F", "coco/m2f_r50"), *[
+        (f"PRO-SCALE ({d[0]},{d[1]},{d[2]})", f"coco/proscale_{d}_r50") for d in ("111", "222", "333", "113")]]),
+    ("Cityscapes, Swin-T", (1024, 2048), [("M2F", "cityscapes/m2f_swin_t"), *[
+        (f"PRO-SCALE ({d[0]},{d[1]},{d[2]})", f"cityscapes/proscale_{d}_swin_t") for d in ("111", "222", "333", "311", "131", "113")],
+        ("C1: M2F without res2", "cityscapes/ablation_c1_m2f_no_res2_swin_t"),
+        ("C2: PRO-SCALE (1,1,1) + conv", "cityscapes/ablation_c2_proscale_111_conv_swin_t"),
+        ("C3: PRO-SCALE (1,1,1) + LPE", "cityscapes/ablation_c3_proscale_111_lpe_swin_t")]),
+    ("Cityscapes, R50", (1024, 2048), [("M2F", "cityscapes/m2f_r50"), *[
+        (f"PRO-SCALE ({d[0]},{d[1]},{d[2]})", f"cityscapes/proscale_{d}_r50") for d in ("111", "222", "333")]]),
+    *[(f"Cityscapes, {name}", (1024, 2048), [("M2F", f"cityscapes/m2f_{b}"), ("PRO-SCALE (3,3,3)", f"cityscapes/proscale_333_{b}")])
+      for name, b in (("Swin-S", "swin_s"), ("Swin-B", "swin_b"), ("Swin-L", "swin_l"), ("R101", "r101"))],
+]
+
+
+def flops_table(complete=False, root=Path(__file__).resolve().parent / "configs"):
+    """Rows (group, model, size, gflops dict) of FLOPS_TABLE, counted on the meta device."""
+    rows = []
+    for group, size, entries in FLOPS_TABLE:
+        for name, config in entries:
+            with torch.device("meta"):
+                model = build_model(load_config(root / f"{config}.yaml"))
+            rows.append((group, name, size, model_flops(model, *size, complete=complete)))
+    return rows
+
+
+def print_flops_table(rows):
+    """Markdown: encoder and total GFLOPs with the change against each group's first row."""
+    print("| dataset, backbone | model | size | encoder GFLOPs | encoder, papers' column | total GFLOPs |")
+    print("|---|---|---|---|---|---|")
+    reference = {}
+    for group, name, size, g in rows:
+        ref = reference.setdefault(group, g)
+        change = lambda part: "" if g is ref else f" ({100 * (g[part] / ref[part] - 1):+.2f}%)"  # noqa: E731
+        print(f"| {group} | {name} | {size[0]}x{size[1]} | {g['encoder']:.2f}{change('encoder')} | "
+              f"{g['encoder_papers']:.2f} | {g['total']:.2f}{change('total')} |")
+
+
 def flops_parser():
     parser = argparse.ArgumentParser(prog="evaluate.py flops",
                                      description="GFLOPs of one image of a given size (no data, no weights).")
-    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument("--config", help="YAML config (not with --table)")
+    parser.add_argument("--table", action="store_true",
+                        help="M2F and every PRO-SCALE configuration at the papers' sizes, side by side")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[800, 1088],
                         help="image height and width (default 800 1088, COCO's test size for 4:3 images)")
     parser.add_argument("--exit", type=int, default=None, help="encoder exit k (default: all layers)")
@@ -928,9 +988,18 @@ def load_weights_checked(model, path, cfg_path):
 
 
 def run_flops(args):
+    if args.table:
+        rows = flops_table(args.complete)
+        if args.json:
+            print(json.dumps([{"group": g, "model": n, "size": list(s), "gflops": f} for g, n, s, f in rows]))
+        else:
+            print_flops_table(rows)
+        return
+    if not args.config:
+        raise SystemExit("evaluate.py flops: --config is required (or --table)")
     cfg = load_config(args.config, args.overrides)
-    torch.manual_seed(0)
-    model = build_model(cfg)
+    with torch.device("meta"):  # shapes alone: no weights needed, any model counts in a second
+        model = build_model(cfg)
     forward_kwargs = {} if args.exit is None else {"exit": args.exit}
     result = model_flops(model, *args.size, complete=args.complete, **forward_kwargs)
     if args.json:

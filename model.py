@@ -10,6 +10,7 @@ mapping (`convert_official_state_dict`).
 import math
 import pickle
 import re
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -650,9 +651,6 @@ class Mask2Former(nn.Module):
                                       loss.importance_sample_ratio)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), persistent=False)
-        is_thing = torch.zeros(cfg.num_classes, dtype=torch.bool)
-        is_thing[list(cfg.thing_classes)] = True
-        self.register_buffer("is_thing", is_thing, persistent=False)
 
     def preprocess(self, images):
         """A list of (3, H_i, W_i) RGB images in 0-255 -> a normalised batch (B, 3, H, W), zero-padded
@@ -674,8 +672,10 @@ class Mask2Former(nn.Module):
         predictions {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs"}.
         """
         features = self.backbone(images)
-        # The official encoder runs in fp32 even under mixed precision.
-        with torch.autocast(images.device.type, enabled=False):
+        # The official encoder runs in fp32 even under mixed precision. (The meta device, used
+        # to count FLOPs on shapes alone, has no autocast.)
+        fp32 = torch.autocast(images.device.type, enabled=False) if images.device.type != "meta" else nullcontext()
+        with fp32:
             mask_features, multi_scale = self.encoder({k: v.float() for k, v in features.items()}, exit=exit)
         outputs = self.decoder(multi_scale, mask_features)
         if targets is None:
@@ -698,6 +698,8 @@ class Mask2Former(nn.Module):
         masks = outputs["pred_masks"]  # (B, Q, H/s, W/s) of the padded batch
         stride = self.encoder.mask_branch.stride
         padded = (masks.shape[-2] * stride, masks.shape[-1] * stride)
+        is_thing = torch.zeros(self.cfg.num_classes, dtype=torch.bool, device=masks.device)
+        is_thing[list(self.cfg.thing_classes)] = True
         results = []
         for logits, mask_pred, size, out_size in zip(outputs["pred_logits"], masks, image_sizes, output_sizes):
             mask_pred = upsample_predictions(mask_pred.float(), padded, size, out_size)  # (Q, H_out, W_out)
@@ -705,11 +707,14 @@ class Mask2Former(nn.Module):
             result = {}
             if cfg.semantic:
                 result["sem_seg"] = semantic_inference(logits, mask_pred)
-            if cfg.panoptic:
-                result["panoptic_seg"] = panoptic_inference(logits, mask_pred, self.is_thing,
+            # On the meta device (FLOP counting from shapes) the panoptic and instance steps are
+            # skipped: they look at values, and hold no counted op.
+            values = not mask_pred.is_meta
+            if cfg.panoptic and values:
+                result["panoptic_seg"] = panoptic_inference(logits, mask_pred, is_thing,
                                                             cfg.object_mask_threshold, cfg.overlap_threshold)
-            if cfg.instance:
-                result["instances"] = instance_inference(logits, mask_pred, self.is_thing, cfg.topk_per_image,
+            if cfg.instance and values:
+                result["instances"] = instance_inference(logits, mask_pred, is_thing, cfg.topk_per_image,
                                                          panoptic_on=cfg.panoptic)
             results.append(result)
         return results
@@ -744,6 +749,7 @@ OFFICIAL_NAMES = [
     (r"^sem_seg_head\.pixel_decoder\.input_proj\.", "encoder.input_proj.proj."),
     (r"^sem_seg_head\.pixel_decoder\.transformer\.level_embed$", "encoder.input_proj.level_embed"),
     (r"^sem_seg_head\.pixel_decoder\.transformer\.encoder\.layers\.", "encoder.layers."),
+    (r"^sem_seg_head\.pixel_decoder\.transformer\.encoder\.token_excite\.ops\.", "encoder.trc.phi."),  # PRO-SCALE
     (r"^sem_seg_head\.pixel_decoder\.mask_features\.", "encoder.mask_branch.mask_features."),
     (r"^sem_seg_head\.pixel_decoder\.adapter_1\.norm\.", "encoder.mask_branch.lateral.1."),
     (r"^sem_seg_head\.pixel_decoder\.adapter_1\.", "encoder.mask_branch.lateral.0."),

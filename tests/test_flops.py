@@ -307,6 +307,25 @@ def test_flops_command_for_every_config(path):
     result = json.loads(out.getvalue())
     assert result["size"] == [64, 96]
     parts = result["gflops"]
-    assert set(parts) == {"backbone", "encoder", "decoder", "postprocess", "total"}
+    assert set(parts) == {"backbone", "encoder", "decoder", "postprocess", "total", "encoder_papers"}
     assert all(parts[k] > 0 for k in parts)
-    assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
+    assert parts["total"] == pytest.approx(sum(parts[k] for k in ("backbone", "encoder", "decoder", "postprocess")))
+
+
+def test_papers_encoder_column_leaves_out_the_mask_branch_upsampling():
+    """The papers' encoder column misses the bilinear upsampling of the 1/8 map (4 per output
+    value at 1/4 resolution); their totals include it. Also: the meta device counts the same."""
+    cfg = load_config(ROOT / "configs/demo/m2f_tiny.yaml")
+    gflops = evaluate.model_flops(build_model(cfg), 64, 96)
+    assert gflops["encoder"] - gflops["encoder_papers"] == pytest.approx(4 * 64 * 16 * 24 / 1e9, rel=1e-9)
+    with torch.device("meta"):
+        shapes_only = build_model(cfg)
+    assert evaluate.model_flops(shapes_only, 64, 96) == pytest.approx(gflops, rel=1e-12)
+
+
+def test_flops_table_covers_every_row(capsys):
+    """`evaluate.py flops --table`: M2F first in every group, then its PRO-SCALE rows."""
+    evaluate.main(["flops", "--table"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + sum(len(entries) for _, _, entries in evaluate.FLOPS_TABLE)
+    assert "| Cityscapes, Swin-L | PRO-SCALE (3,3,3) | 1024x2048 | 141.52 (-50.74%) | 141.39 |" in "\n".join(lines)

@@ -22,12 +22,16 @@ def official(official_keys, name):
     ("m2f_r50_coco_panoptic", "configs/coco/m2f_r50.yaml"),
     ("m2f_swin_t_coco_panoptic", "configs/coco/m2f_swin_t.yaml"),
     ("m2f_r50_cityscapes_panoptic", "configs/cityscapes/m2f_r50.yaml"),
+    *[(f"proscale_r50_{d}_coco", f"configs/coco/proscale_{d}_r50.yaml") for d in ("111", "222", "333")],
+    *[(f"proscale_swin_t_{d}_coco", f"configs/coco/proscale_{d}_swin_t.yaml") for d in ("111", "113", "222", "333")],
 ])
 def test_parameter_shapes_equal_official(official_keys, name, cfg_path):
     """The multiset of parameter shapes equals the official model's, and every official
-    state-dict entry maps by name to one of ours with the same shape."""
+    state-dict entry maps by name to one of ours with the same shape (PRO-SCALE included: its
+    flat layer list of 1-, 2- and 3-level layers, TRC's φ, and LPE's GroupNorm)."""
     shapes, kinds = official(official_keys, name)
-    net = model.build_model(load_config(config_path(cfg_path)))
+    with torch.device("meta"):  # shapes only
+        net = model.build_model(load_config(config_path(cfg_path)))
     ours = Counter(tuple(p.shape) for p in net.parameters())
     theirs = Counter(tuple(s) for k, s in shapes.items() if kinds[k] == "parameter")
     assert ours == theirs
