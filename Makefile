@@ -14,15 +14,26 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 .PHONY: setup demo test flops
 setup: $(VENV)/.installed
 
-# Generate the synthetic dataset, train a tiny Mask2Former and its PRO-SCALE (1,1,1) twin on CPU
-# (each evaluates itself at the end), and write the report: runs/demo/report.md, with pictures
-# under runs/demo/*/eval/vis/.
+# The main job, on CPU: generate the synthetic dataset; train a tiny Mask2Former and its PRO-SCALE
+# (1,1,1) twin (each evaluates itself at the end); run ECO-M2F's three steps on the Mask2Former
+# (Step A: weighted stochastic depth; Step B: per-image PQ at every exit; Step C: gates for two
+# β) and sweep every exit and gate; write runs/demo/report.md with the pictures.
+DEMO := runs/demo
 demo: setup
 	$(PY) data.py synth --out datasets/synthetic
-	$(PY) train.py --config configs/demo/m2f_tiny.yaml --out runs/demo/m2f
-	$(PY) train.py --config configs/demo/proscale_tiny.yaml --out runs/demo/proscale
-	$(PY) evaluate.py report "M2F (tiny)=runs/demo/m2f/eval" "PRO-SCALE (1,1,1) (tiny)=runs/demo/proscale/eval" \
-		--out runs/demo/report.md
+	$(PY) train.py --config configs/demo/m2f_tiny.yaml --out $(DEMO)/m2f
+	$(PY) train.py --config configs/demo/proscale_tiny.yaml --out $(DEMO)/proscale
+	$(PY) train.py --config configs/demo/eco_tiny.yaml --out $(DEMO)/eco --init $(DEMO)/m2f/model_final.pt train.evaluate=false
+	$(PY) derive.py --config configs/demo/eco_tiny.yaml --weights $(DEMO)/eco/model_final.pt --out $(DEMO)/eco/derived.jsonl
+	for beta in 0.0 0.02; do $(PY) gate.py --config configs/demo/eco_tiny.yaml --weights $(DEMO)/eco/model_final.pt \
+		--derived $(DEMO)/eco/derived.jsonl --beta $$beta --out $(DEMO)/eco/beta$$beta.pt || exit 1; done
+	$(PY) evaluate.py sweep --config configs/demo/eco_tiny.yaml --weights $(DEMO)/eco/model_final.pt \
+		--gates $(DEMO)/eco/beta0.0.pt $(DEMO)/eco/beta0.02.pt --out $(DEMO)/eco/sweep
+	$(PY) evaluate.py report "M2F=$(DEMO)/m2f/eval" "PRO-SCALE (1,1,1)=$(DEMO)/proscale/eval" \
+		"ECO-M2F exit 1=$(DEMO)/eco/sweep/exit_1" "ECO-M2F exit 2=$(DEMO)/eco/sweep/exit_2" \
+		"ECO-M2F exit 3=$(DEMO)/eco/sweep/exit_3" "ECO-M2F gate, β=0=$(DEMO)/eco/sweep/gate_beta0.0" \
+		"ECO-M2F gate, β=0.02=$(DEMO)/eco/sweep/gate_beta0.02" --image $(DEMO)/eco/sweep/sweep.png \
+		--out $(DEMO)/report.md
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -144,7 +144,25 @@ class TrainConfig:
     eval_every: int = 0  # 0 = only at the end
     log_every: int = 20
     compile: bool = False  # torch.compile the model
+    # ECO-M2F Step A, weighted stochastic depth: with `exits` set, every iteration samples one exit
+    # k (the same on every rank) and scales the whole loss by α_k; mode "all" sums α_k·L_k over
+    # every exit (ECO-M2F Eq. 3 literally). Start it from a trained M2F with --init.
+    exits: list[int] = field(default_factory=list)  # [] = ordinary training
+    exit_alpha: list[float] = field(default_factory=list)  # α_k in the order of `exits`; [] = α_k = k
+    exit_mode: str = "sample"  # sample, all
     tensorboard: bool = False
+
+
+@dataclass
+class GateConfig:
+    """ECO-M2F Step C (gate.py)."""
+
+    exits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])  # the paper's 5 classes
+    beta: float = 0.0005  # u(k) = q_k - β·k; the paper: 0.0005 for COCO, 0.003 for Cityscapes
+    loss: str = "hard-ce"  # hard-ce, u-ce, soft-ce, soft-mse (ECO-M2F Table 5)
+    epochs: int = 2  # the paper: 2 epochs on COCO, 20k iterations on Cityscapes
+    lr: float = 1e-3  # Adam; the paper does not give it
+    batch_size: int = 16
 
 
 @dataclass
@@ -152,6 +170,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
 
 
 # ---- loading ------------------------------------------------------------------------------

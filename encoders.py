@@ -176,9 +176,13 @@ class MaskBranch(nn.Module):
 
 
 def normalise_exit(exit, num_layers, batch_size, device):
-    """`exit` as None (all layers) or a (B,) LongTensor of per-image exits in 1..num_layers."""
+    """`exit` as None (all layers), an int, or a (B,) LongTensor of per-image exits in 1..num_layers."""
     if exit is None:
         return None
+    if isinstance(exit, int):
+        if not 1 <= exit <= num_layers:
+            raise ValueError(f"exit must be in 1..{num_layers}, got {exit}")
+        return exit
     exits = torch.as_tensor(exit, dtype=torch.long, device=device).expand(batch_size)
     if not torch.compiler.is_compiling():  # a data-dependent check would break the graph
         if exits.min() < 1 or exits.max() > num_layers:
@@ -187,15 +191,17 @@ def normalise_exit(exit, num_layers, batch_size, device):
 
 
 def run_layers(layers, src, exits, *args, **kwargs):
-    """Run `layers` in order on tokens src (B, S, C); image b stops after layer exits[b].
+    """Run `layers` in order on tokens src (B, S, C): all of them (exits None), the first k (an int),
+    or per image (a (B,) LongTensor): image b stops after layer exits[b].
 
-    Layer l runs only on the images whose exit is >= l, so a batch gives each image what it
-    would get alone, and compute falls with depth (ECO-M2F's image-adaptive inference).
+    With per-image exits, layer l runs only on the images whose exit is >= l, so a batch gives each
+    image what it would get alone, and compute falls with depth (ECO-M2F's adaptive inference).
     """
-    for depth, layer in enumerate(layers, start=1):
-        if exits is None:
+    if exits is None or isinstance(exits, int):
+        for layer in layers[:exits]:
             src = layer(src, *args, **kwargs)
-            continue
+        return src
+    for depth, layer in enumerate(layers, start=1):
         active = exits >= depth  # (B,)
         if not active.any():
             break
@@ -234,12 +240,41 @@ class M2FEncoder(nn.Module):
     def forward(self, features, exit=None):
         """features: res2..res5 maps (B, C_l, H_l, W_l); exit: None | int | LongTensor (B,).
         Returns mask_features (B, dim, H/4, W/4) and [1/32, 1/16, 1/8] maps (B, dim, h, w)."""
-        maps = self.input_proj([features[name] for name in LEVELS])
-        src, shapes = flatten_maps(maps)  # (B, S, dim)
-        pos = self.input_proj.position(shapes, src.device)  # (1, S, dim)
-        ref = reference_points(shapes, src.device)  # (1, S, 2)
+        return self.encode(self.project(features), features, exit)
+
+    def project(self, features):
+        """The input projections: [1/32, 1/16, 1/8] maps (B, dim, h, w). ECO-M2F's gate looks at the
+        1/32 one before any encoder layer runs."""
+        return self.input_proj([features[name] for name in LEVELS])
+
+    def encode(self, maps, features, exit=None):
+        """The encoder layers (up to `exit`) on projected maps, then the mask branch."""
+        src, shapes, pos, ref = self.tokens(maps)
         exits = normalise_exit(exit, len(self.layers), src.shape[0], src.device)
         src = run_layers(self.layers, src, exits, pos, ref, shapes)
+        return self.finish(src, shapes, features)
+
+    def forward_exits(self, features, exits):
+        """One pass through the layers, read out after each layer in `exits`: a dict exit ->
+        (mask_features, multi_scale), as `forward(features, exit=k)` would give for each k."""
+        wanted = sorted(set(exits))
+        if wanted[0] < 1 or wanted[-1] > len(self.layers):
+            raise ValueError(f"exits must be in 1..{len(self.layers)}, got {wanted}")
+        src, shapes, pos, ref = self.tokens(self.project(features))
+        results = {}
+        for depth, layer in enumerate(self.layers[: wanted[-1]], start=1):
+            src = layer(src, pos, ref, shapes)
+            if depth in wanted:
+                results[depth] = self.finish(src, shapes, features)
+        return results
+
+    def tokens(self, maps):
+        """Flattened tokens (B, S, dim), level shapes, positions (1, S, dim), references (1, S, 2)."""
+        src, shapes = flatten_maps(maps)
+        return src, shapes, self.input_proj.position(shapes, src.device), reference_points(shapes, src.device)
+
+    def finish(self, src, shapes, features):
+        """Encoder tokens -> (mask_features, [1/32, 1/16, 1/8] maps)."""
         multi_scale = unflatten_tokens(src, shapes)
         return self.mask_branch(features["res2"], multi_scale[-1]), multi_scale
 

@@ -1,11 +1,20 @@
 """Evaluation and cost: PQ / AP / mIoU over a dataset, per-image PQ, GFLOPs, FPS, pictures.
 
-    python evaluate.py --config CFG --weights CKPT [--exit K] [--out DIR] [--split val]
+    python evaluate.py --config CFG --weights CKPT [--exit K | --gate gate.pt] [--out DIR] [--split val]
                        [--max-images N] [--batch-size B] [--device cpu|cuda] [key=value ...]
 
 evaluates a checkpoint on a split (COCO panoptic format): panoptic predictions as PNGs + JSON,
 PQ/SQ/RQ by panopticapi, mask AP by pycocotools, mIoU as detectron2's SemSegEvaluator, GFLOPs
-and FPS; everything into DIR/metrics.json, with a few pictures in DIR/vis/.
+and FPS; everything into DIR/metrics.json, with a few pictures in DIR/vis/. --exit K stops every
+image's encoder after layer K; --gate lets an ECO-M2F gate (gate.py) pick each image's exit, and
+GFLOPs become the mean of each image's own cost, with the histogram of the chosen exits.
+
+    python evaluate.py sweep --config CFG --weights CKPT [--exits 1 2 3 ...] [--gates g1.pt ...]
+                             --out DIR [--max-images N] [--split val] [--reuse] [key=value ...]
+
+evaluates every fixed exit (default: all of them) and every gate into DIR/exit_<k>/ and
+DIR/gate_<stem>/, then tabulates them (DIR/sweep.json, DIR/sweep.md, as ECO-M2F's Table 4) and
+plots PQ against GFLOPs (DIR/sweep.png, as its Fig. 5).
 
     python evaluate.py flops --config CFG --size H W [--json] [--complete] [--exit K] [key=value ...]
 
@@ -638,21 +647,35 @@ def semantic_metrics(confusion) -> dict:
 
 
 def average_gflops(model, sizes, exit=None, complete=False) -> dict:
-    """The mean over images of model_flops, given each image's (input size, original size).
+    """The mean over images of each image's own model_flops, given every image's (input size,
+    original size) and encoder exit.
 
-    Counting runs one forward per distinct pair (and exit), not one per image: COCO's 5000 val
-    images have a few hundred distinct pairs. ECO-M2F's per-image exits will make the exit part
-    of each image's key; for now `exit` is one int (or None) for all images.
+    exit: None (all layers) or one int for every image, or a sequence (list, 1-D tensor) with
+    each image's exit, as ECO-M2F's gate chose them. Image i costs model_flops at its sizes with
+    exit k_i, so a gated evaluation reports the mean of what each image really ran (DESIGN.md
+    section 7), not the cost of some "average exit".
+
+    Counting runs one forward per distinct (input size, original size, exit), not one per image:
+    COCO's 5000 val images have a few hundred distinct size pairs, times at most the number of exits.
     """
     if not sizes:
         return {}
+    if isinstance(exit, torch.Tensor):
+        exit = exit.tolist()  # a 0-d tensor becomes an int, a 1-D one a list
+    if isinstance(exit, (list, tuple)):
+        if len(exit) != len(sizes):
+            raise ValueError(f"average_gflops: {len(exit)} exits for {len(sizes)} images")
+        exits = [None if k is None else int(k) for k in exit]
+    else:
+        exits = [None if exit is None else int(exit)] * len(sizes)
+    keys = [(tuple(a), tuple(b), k) for (a, b), k in zip(sizes, exits)]
     cost = {}
-    kwargs = {} if exit is None else {"exit": exit}
-    for key in dict.fromkeys((tuple(a), tuple(b)) for a, b in sizes):
-        (h, w), output_size = key
+    for key in dict.fromkeys(keys):
+        (h, w), output_size, k = key
+        kwargs = {} if k is None else {"exit": k}
         cost[key] = model_flops(model, h, w, complete=complete, output_size=output_size, **kwargs)
     parts = next(iter(cost.values())).keys()
-    return {p: sum(cost[(tuple(a), tuple(b))][p] for a, b in sizes) / len(sizes) for p in parts}
+    return {p: sum(cost[key][p] for key in keys) / len(keys) for p in parts}
 
 
 def _autocast(device, amp):
@@ -668,7 +691,10 @@ def measure_fps(model, samples, device="cpu", exit=None, amp="fp32", warmup=2) -
     """Images per second at batch 1: the median over `samples` (dataset samples with "image",
     "height", "width") of the time from the uint8 image on the host to the post-processed
     outputs (transfer, normalisation and padding, forward, inference), after `warmup` untimed
-    runs, synchronised on CUDA. None if there are no samples."""
+    runs, synchronised on CUDA. None if there are no samples.
+
+    exit: as in evaluate_dataset, a gate included: the gate then runs inside every timed forward
+    and picks each image's exit, so its (small) cost and its choices are both in the timing."""
     if not samples:
         return None
     device = torch.device(device)
@@ -745,11 +771,45 @@ def save_visualization(path, image, gt_ids, gt_segments, pred_ids, pred_segments
 # each one's cost (papers' convention, post-processing at the original size included); FPS is
 # images per second at batch 1. A metric that is undefined (no thing in the ground truth for AP,
 # FPS not measured, ...) is None, null in the JSON.
+#
+# ECO-M2F (exit=a gate): "exit" is "gate", "gate" describes it (its exits and training info: β,
+# loss, ...), "exit_histogram" counts the images per chosen exit, and GFLOPs is the mean of each
+# image's cost at its own exit. With a fixed exit k the histogram is {k: images}; with all layers
+# it is None. Histogram keys are strings ("2": 130), as JSON has them, so metrics.json reads back
+# equal to the returned dict.
 
 
 METRIC_KEYS = ("PQ", "SQ", "RQ", "PQ_th", "SQ_th", "RQ_th", "PQ_st", "SQ_st", "RQ_st",
                "AP", "AP50", "AP75", "APs", "APm", "APl", "mIoU", "fwIoU", "mACC", "pACC",
-               "GFLOPs", "GFLOPs_parts", "FPS", "images", "exit", "batch_size", "device", "amp")
+               "GFLOPs", "GFLOPs_parts", "FPS", "images", "exit", "exit_histogram", "gate",
+               "batch_size", "device", "amp")
+
+
+def is_gate(exit) -> bool:
+    """A gate (gate.Gate, or any module that maps the projected 1/32 map to per-image exits) as
+    opposed to None or an int; Mask2Former.forward tells them apart the same way."""
+    return isinstance(exit, nn.Module)
+
+
+def gate_description(gate) -> dict:
+    """JSON-ready facts about a gate for metrics.json: its exits and its training info (gate.info:
+    β, loss, ... as gate.py saved them; values JSON cannot hold are written as text)."""
+    info = {"exits": [int(k) for k in gate.exits.tolist()]} if hasattr(gate, "exits") else {}
+    for key, value in getattr(gate, "info", {}).items():
+        try:
+            json.dumps(value)
+        except TypeError:
+            value = str(value)
+        info.setdefault(key, value)
+    return info
+
+
+def exit_histogram(exits) -> dict:
+    """{"k": number of images that exited after layer k}, in increasing k."""
+    counts = {}
+    for k in sorted(int(k) for k in exits):
+        counts[str(k)] = counts.get(str(k), 0) + 1
+    return counts
 
 
 @torch.no_grad()
@@ -761,16 +821,27 @@ def evaluate_dataset(model, dataset, out_dir, batch_size=1, exit=None, max_image
     inference). dataset: its samples carry the test-resized "image" and the original "height" /
     "width"; the ground truth is read from its files (json_file, panoptic_dir, instances_json)
     at the original size, as pq_compute reads it. exit: the encoder exit of every image (None =
-    all layers). max_images: only the first N images. amp: off, fp16 or bf16 autocast.
-    workers: data loader processes. vis_images: pictures to draw. fps_images: images timed at
-    batch 1 (0 = no FPS). flops: count GFLOPs (one forward per distinct image size).
-    Writes the files listed in the section comment into out_dir.
+    all layers), or an ECO-M2F gate (gate.Gate; moved to `device`) that picks each image's exit
+    inside the forward (the model returns them as outputs["exits"]). max_images: only the first
+    N images. amp: off, fp16 or bf16 autocast. workers: data loader processes. vis_images:
+    pictures to draw. fps_images: images timed at batch 1 (0 = no FPS). flops: count GFLOPs (one
+    forward per distinct image size and exit). Writes the files listed in the section comment
+    into out_dir.
+
+    Batching does not change the results: in a batch with per-image exits every encoder layer
+    runs only on the images that still need it, so batch_size > 1 gives batch 1's predictions,
+    exits and GFLOPs (up to float tolerance) when the images share a size. Images of different
+    sizes are zero-padded to a common one in a batch, which changes what every model sees (the
+    gate's mean over the 1/32 map included), as in any batched Mask2Former evaluation.
     """
     out_dir = Path(out_dir)
     pred_folder = out_dir / "predictions"
     pred_folder.mkdir(parents=True, exist_ok=True)
     device = torch.device(device)
     model.eval()
+    gated = is_gate(exit)
+    if gated:
+        exit = exit.to(device).eval()
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
     if n == 0:
         raise ValueError("no images to evaluate")
@@ -786,12 +857,19 @@ def evaluate_dataset(model, dataset, out_dir, batch_size=1, exit=None, max_image
 
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size,
                                          collate_fn=collate, num_workers=workers)
-    annotations, detections, sizes, image_ids, produced = [], [], [], [], set()
+    annotations, detections, sizes, exits, image_ids, produced = [], [], [], [], [], set()
     confusion = np.zeros((K + 1, K + 1), dtype=np.int64)
     for batch in tqdm(loader, desc="evaluate", total=len(loader), disable=not progress):
         images, image_sizes = model.preprocess([s["image"].to(device, non_blocking=True) for s in batch])
         with _autocast(device, amp):
             outputs = model(images, exit=exit)
+        if gated:
+            if "exits" not in outputs:
+                raise ValueError(f"exit={type(exit).__name__}: the model's forward returned no \"exits\"; "
+                                 "a gated evaluation needs each image's exit (Mask2Former.forward with a gate)")
+            exits += outputs["exits"].tolist()
+        else:
+            exits += [exit] * len(batch)
         results = model.inference(outputs, image_sizes,
                                   output_sizes=[(int(s["height"]), int(s["width"])) for s in batch])
         for sample, image_size, result in zip(batch, image_sizes, results):
@@ -837,7 +915,10 @@ def evaluate_dataset(model, dataset, out_dir, batch_size=1, exit=None, max_image
                                    gt_ids, gt_ann["segments_info"], pred_ids, pred_segments)
 
     metrics = dict.fromkeys(METRIC_KEYS)
-    metrics.update({"images": n, "exit": exit, "batch_size": batch_size, "device": str(device), "amp": amp})
+    metrics.update({"images": n, "exit": "gate" if gated else exit,
+                    "exit_histogram": None if exit is None else exit_histogram(exits),
+                    "gate": gate_description(exit) if gated else None,
+                    "batch_size": batch_size, "device": str(device), "amp": amp})
 
     # PQ: panopticapi on the files, against the ground truth of exactly the evaluated images.
     if annotations:
@@ -862,12 +943,15 @@ def evaluate_dataset(model, dataset, out_dir, batch_size=1, exit=None, max_image
         metrics.update(semantic_metrics(confusion))
 
     if flops:
-        gflops = average_gflops(model, sizes, exit)
+        # Each image at its own exit (all the same one without a gate). The gate itself is not
+        # counted: its mean over the 1/32 tokens is free in the papers' convention and its
+        # Linear(256, 5) is 1280 FLOPs, nothing next to a model's hundred-odd GFLOPs.
+        gflops = average_gflops(model, sizes, exits)
         metrics["GFLOPs"] = gflops["total"]
         metrics["GFLOPs_parts"] = gflops
     if fps_images:
         samples = [dataset[i] for i in range(min(fps_images, n))]
-        metrics["FPS"] = measure_fps(model, samples, device, exit, amp)
+        metrics["FPS"] = measure_fps(model, samples, device, exit, amp)  # a gate runs inside the forward
 
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
@@ -883,15 +967,36 @@ def print_flops(cfg_path, size, flops, complete):
         print(f"  {part:<12} {value:9.2f}")
 
 
+def beta_text(beta) -> str:
+    """β as the papers print it: 0.003, 0.0005, 0.01 (no trailing zeros)."""
+    return f"{beta:g}" if isinstance(beta, (int, float)) else str(beta)
+
+
+def describe_exit(metrics) -> str:
+    """"all layers", "exit 3" or "gate (β=0.01)" for a metrics dict."""
+    if metrics["exit"] == "gate":
+        beta = (metrics.get("gate") or {}).get("beta")
+        return "gate" if beta is None else f"gate (β={beta_text(beta)})"
+    return "all layers" if metrics["exit"] is None else f"exit {metrics['exit']}"
+
+
+def histogram_text(histogram) -> str:
+    """{"1": 2, "3": 5} -> "1:2 3:5" (exit:images); "-" for None."""
+    return "-" if not histogram else " ".join(f"{k}:{n}" for k, n in histogram.items())
+
+
 def print_metrics(metrics, out_dir):
     def fmt(value, digits=2):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    exit = "all layers" if metrics["exit"] is None else f"exit {metrics['exit']}"
-    print(f"{metrics['images']} images, {exit}, {metrics['device']}:")
+    print(f"{metrics['images']} images, {describe_exit(metrics)}, {metrics['device']}:")
     print(f"  PQ {fmt(metrics['PQ'])}  PQ_th {fmt(metrics['PQ_th'])}  PQ_st {fmt(metrics['PQ_st'])}  "
           f"AP {fmt(metrics['AP'])}  mIoU {fmt(metrics['mIoU'])}  "
           f"GFLOPs {fmt(metrics['GFLOPs'])}  FPS {fmt(metrics['FPS'], 1)}")
+    if metrics["exit"] == "gate":
+        counts = metrics["exit_histogram"]
+        print("  exits chosen by the gate: " + ", ".join(
+            f"{k}: {n} ({100 * n / metrics['images']:.0f}%)" for k, n in counts.items()))
     print(f"  written to {out_dir}/metrics.json")
 
 
@@ -957,12 +1062,25 @@ def flops_parser():
 def eval_parser():
     parser = argparse.ArgumentParser(
         prog="evaluate.py [eval]", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="`python evaluate.py flops -h` for the GFLOPs command.")
+        epilog="`python evaluate.py flops -h` for the GFLOPs command, `python evaluate.py sweep -h` for ECO-M2F's "
+               "exit and gate sweep.")
     parser.add_argument("--config", required=True, help="YAML config")
     parser.add_argument("--weights", required=True, help="checkpoint: train.py's, a state dict, or an official .pkl")
-    parser.add_argument("--exit", type=int, default=None, help="encoder exit k for every image (default: all layers)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--exit", type=int, default=None, help="encoder exit k for every image (default: all layers)")
+    which.add_argument("--gate", default=None,
+                       help="ECO-M2F: a gate file from gate.py that picks each image's exit (not with --exit)")
     parser.add_argument("--out", default=None,
-                        help="output folder (default: eval_<split>[_exit<k>] next to the weights)")
+                        help="output folder (default, next to the weights: eval_<split>, eval_<split>_exit<k> "
+                             "or eval_<split>_gate_<gate file stem>)")
+    add_evaluation_options(parser, vis=4)
+    parser.add_argument("--no-flops", action="store_true", help="do not count GFLOPs")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser
+
+
+def add_evaluation_options(parser, vis):
+    """The options shared by the eval and sweep commands."""
     parser.add_argument("--split", default="val", choices=("train", "val"))
     parser.add_argument("--max-images", type=int, default=None, help="only the first N images")
     parser.add_argument("--batch-size", type=int, default=1)
@@ -970,11 +1088,8 @@ def eval_parser():
                         help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--amp", default="fp32", choices=("fp32", "fp16", "bf16"), help="autocast for the forward")
     parser.add_argument("--workers", type=int, default=None, help="data loader processes (default: data.workers)")
-    parser.add_argument("--vis", type=int, default=4, help="pictures to draw (default 4)")
+    parser.add_argument("--vis", type=int, default=vis, help=f"pictures to draw per evaluation (default {vis})")
     parser.add_argument("--fps-images", type=int, default=10, help="images timed at batch 1 (0: no FPS)")
-    parser.add_argument("--no-flops", action="store_true", help="do not count GFLOPs")
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    return parser
 
 
 def load_weights_checked(model, path, cfg_path):
@@ -1000,7 +1115,12 @@ def run_flops(args):
     cfg = load_config(args.config, args.overrides)
     with torch.device("meta"):  # shapes alone: no weights needed, any model counts in a second
         model = build_model(cfg)
-    forward_kwargs = {} if args.exit is None else {"exit": args.exit}
+    forward_kwargs = {}
+    if args.exit is not None:
+        layers = encoder_exits(cfg, args.config)
+        if not 1 <= args.exit <= layers:
+            raise ValueError(f"--exit {args.exit}: the encoder of {args.config} has exits 1..{layers}")
+        forward_kwargs["exit"] = args.exit
     result = model_flops(model, *args.size, complete=args.complete, **forward_kwargs)
     if args.json:
         print(json.dumps({"size": list(args.size), "gflops": result}))
@@ -1008,12 +1128,46 @@ def run_flops(args):
         print_flops(args.config, args.size, result, args.complete)
 
 
-def run_eval(args):
+def encoder_exits(cfg, cfg_path) -> int:
+    """The number of exits of the model's encoder (its layers), or an error naming the config
+    when the encoder has none (PRO-SCALE's stages see different token sets)."""
+    encoder = cfg.model.encoder
+    if encoder.name != "m2f":
+        raise ValueError(f"{cfg_path}: the {encoder.name!r} encoder has no early exits; ECO-M2F's exits and gate "
+                         "need the M2F encoder (model.encoder.name: m2f)")
+    return encoder.layers
+
+
+def load_gate_checked(path, cfg, cfg_path):
+    """gate.load_gate, with errors that name the file, and the gate checked against the model of
+    `cfg`: it must read the encoder's `dim` channels and choose exits the encoder has."""
+    from gate import load_gate  # only gated evaluations need gate.py
+
+    path = Path(path)
+    if not path.is_file():  # before minutes of loading data
+        raise FileNotFoundError(f"{path}: gate file not found")
+    try:
+        gate = load_gate(path)
+    except (ValueError, RuntimeError, KeyError, TypeError, AttributeError, EOFError, pickle.UnpicklingError) as e:
+        # load_gate names the file for what it expects to fail; torch.load on garbage raises its own.
+        message = str(e) if str(path) in str(e) else f"{path}: not a gate file written by gate.py ({e})"
+        raise ValueError(message) from None
+    layers = encoder_exits(cfg, cfg_path)
+    exits = [int(k) for k in gate.exits.tolist()]
+    if gate.head.in_features != cfg.model.encoder.dim:
+        raise ValueError(f"{path}: the gate reads {gate.head.in_features} channels, but the encoder of {cfg_path} "
+                         f"has dim {cfg.model.encoder.dim} (was the gate trained for another model?)")
+    if min(exits) < 1 or max(exits) > layers:
+        raise ValueError(f"{path}: the gate chooses among exits {exits}, but the encoder of {cfg_path} "
+                         f"has exits 1..{layers}")
+    return gate
+
+
+def load_split_and_model(cfg, args):
+    """The test-time dataset of args.split and the model of cfg with args.weights, on args.device,
+    checked against each other (classes) and against the config (weights)."""
     import data
 
-    cfg = load_config(args.config, args.overrides)
-    if not Path(args.weights).is_file():  # before minutes of loading data
-        raise FileNotFoundError(f"{args.weights}: weights file not found")
     dataset = data.build_dataset(cfg.data, args.split, train=False)
     things = sorted(dataset.thing_classes)
     if dataset.num_classes != cfg.model.num_classes or things != sorted(cfg.model.thing_classes):
@@ -1023,10 +1177,22 @@ def run_eval(args):
             "(contiguous ids: categories sorted by id)")
     model = build_model(cfg)
     load_weights_checked(model, args.weights, args.config)
-    model.to(args.device)
-    out = args.out or Path(args.weights).parent / (
-        f"eval_{args.split}" + ("" if args.exit is None else f"_exit{args.exit}"))
-    metrics = evaluate_dataset(model, dataset, out, batch_size=args.batch_size, exit=args.exit,
+    return dataset, model.to(args.device)
+
+
+def run_eval(args):
+    cfg = load_config(args.config, args.overrides)
+    if not Path(args.weights).is_file():  # before minutes of loading data
+        raise FileNotFoundError(f"{args.weights}: weights file not found")
+    gate = None if args.gate is None else load_gate_checked(args.gate, cfg, args.config)
+    dataset, model = load_split_and_model(cfg, args)
+    if gate is not None:
+        suffix = f"_gate_{Path(args.gate).stem}"
+    else:
+        suffix = "" if args.exit is None else f"_exit{args.exit}"
+    out = args.out or Path(args.weights).parent / f"eval_{args.split}{suffix}"
+    metrics = evaluate_dataset(model, dataset, out, batch_size=args.batch_size,
+                               exit=args.exit if gate is None else gate,
                                max_images=args.max_images, device=args.device, amp=args.amp,
                                workers=cfg.data.workers if args.workers is None else args.workers,
                                vis_images=args.vis, fps_images=args.fps_images, flops=not args.no_flops)
@@ -1039,6 +1205,7 @@ def report_parser():
                                      description="One table from the metrics.json of several evaluations.")
     parser.add_argument("runs", nargs="+", metavar="NAME=DIR", help="a row name and its evaluation folder")
     parser.add_argument("--out", help="also write the table (Markdown, with the pictures) to this file")
+    parser.add_argument("--image", action="append", default=[], help="another picture for the report (repeatable)")
     return parser
 
 
@@ -1059,6 +1226,7 @@ def run_report(args):
         cells = [m.get(k) for k in ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")] + [encoder, m.get("GFLOPs"), m.get("FPS")]
         lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")
         pictures += [f"![{name}]({p.resolve()})" for p in sorted((Path(folder) / "vis").glob("*.png"))[:1]]
+    pictures += [f"![{Path(p).stem}]({Path(p).resolve()})" for p in args.image]
     table = "\n".join(lines)
     print(table)
     if args.out:
@@ -1066,15 +1234,286 @@ def run_report(args):
         print(f"report written to {args.out}")
 
 
+# ---- ECO-M2F's trade-off: every fixed exit and every gate on one split ----------------------
+#
+# `evaluate.py sweep` evaluates the model at each fixed exit k (the paper's "M2F w/ WSD exits always
+# at the k-th layer", Fig. 5's blue dots) and with each gate (one per β, its red crosses) into
+#   DIR/exit_<k>/, DIR/gate_<stem>/   evaluate_dataset's folders (metrics.json, predictions, ...)
+#   DIR/sweep.json                    one row per evaluation (SWEEP_ROW_KEYS)
+#   DIR/sweep.md                      the rows as a Markdown table, like the paper's Table 4
+#   DIR/sweep.png                     PQ against mean total GFLOPs, like the paper's Fig. 5
+# One model and one dataset serve every row; --reuse keeps rows whose metrics.json is already there.
+
+SWEEP_ROW_KEYS = ("name", "kind", "exit", "beta", "gate", "dir", "images", "PQ", "AP", "mIoU",
+                  "encoder_GFLOPs", "total_GFLOPs", "FPS", "exit_histogram")
+
+
+def sweep_row(name, kind, metrics, folder, exit=None, gate_path=None) -> dict:
+    """One sweep.json row from an evaluation's metrics. kind: "exit" (exit = k) or "gate" (beta
+    from the gate's training info, None if it has none). GFLOPs are means over the images."""
+    parts = metrics.get("GFLOPs_parts") or {}
+    return {"name": name, "kind": kind, "exit": exit if kind == "exit" else None,
+            "beta": (metrics.get("gate") or {}).get("beta") if kind == "gate" else None,
+            "gate": None if gate_path is None else str(gate_path), "dir": str(folder),
+            "images": metrics.get("images"), "PQ": metrics.get("PQ"), "AP": metrics.get("AP"),
+            "mIoU": metrics.get("mIoU"), "encoder_GFLOPs": parts.get("encoder"),
+            "total_GFLOPs": metrics.get("GFLOPs"), "FPS": metrics.get("FPS"),
+            "exit_histogram": metrics.get("exit_histogram")}
+
+
+def _cell(value) -> str:
+    """Two decimals as in the papers' tables, but 3 significant digits below 1, so that the GFLOPs
+    of a tiny model (0.0156 vs 0.0199) stay apart."""
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if value == 0 or abs(value) >= 1 else f"{value:.3g}"
+
+
+def sweep_table(rows) -> str:
+    """The rows as Markdown: PQ, AP, mIoU, encoder and total GFLOPs, FPS (the paper's Table 4),
+    and how many images took each exit."""
+    lines = ["| model | PQ | AP | mIoU | encoder GFLOPs | total GFLOPs | FPS | exits (exit:images) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        cells = [row[k] for k in ("PQ", "AP", "mIoU", "encoder_GFLOPs", "total_GFLOPs", "FPS")]
+        lines.append(f"| {row['name']} | " + " | ".join(_cell(v) for v in cells)
+                     + f" | {histogram_text(row['exit_histogram'])} |")
+    return "\n".join(lines)
+
+
+# The plot, drawn with PIL alone (no plotting library in requirements.txt).
+SWEEP_PLOT_SIZE = (800, 560)  # width, height in pixels
+_BLUE, _RED, _GRID, _INK = (31, 119, 180), (214, 39, 40), (225, 225, 225), (0, 0, 0)
+
+
+def _fonts(sizes):
+    """Fonts at `sizes` px, and how to write β with them. A system font with Greek letters where
+    there is one (DejaVu Sans on most Linux systems, Arial on macOS and Windows); else Pillow's
+    bundled font, which has no β (so "beta"), or its fixed bitmap font where FreeType is missing."""
+    from PIL import ImageFont
+
+    for name in ("DejaVuSans.ttf", "Arial.ttf"):
+        try:
+            return [ImageFont.truetype(name, size) for size in sizes], "β"
+        except OSError:
+            continue
+    try:
+        return [ImageFont.load_default(size=size) for size in sizes], "beta"
+    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType
+        return [ImageFont.load_default()] * len(sizes), "beta"
+
+
+def _text(draw, xy, text, font, align="left-top", fill=_INK):
+    """Draw text with its box placed at xy: align is "<left|center|right>-<top|middle|bottom>".
+    Measured by hand rather than with Pillow's `anchor`, which bitmap fonts do not support."""
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    horizontal, vertical = align.split("-")
+    x = xy[0] - {"left": 0, "center": (right - left) / 2, "right": right - left}[horizontal] - left
+    y = xy[1] - {"top": 0, "middle": (bottom - top) / 2, "bottom": bottom - top}[vertical] - top
+    draw.text((x, y), text, font=font, fill=fill)
+
+
+def nice_axis(values, ticks=5, minimum=None):
+    """(low, high, step) of an axis showing `values`: step is 1, 2 or 5 times a power of ten,
+    giving about `ticks` intervals, and low/high are multiples of it with a margin around the data;
+    low stays >= minimum (PQ and GFLOPs are never negative)."""
+    low, high = min(values), max(values)
+    span = high - low
+    if span == 0:  # one point, or all equal (an untrained model's PQ of 0): a small window around it
+        span = abs(high) * 0.1 or 1.0
+        low, high = low - span / 2, high + span / 2
+    low, high = low - 0.08 * span, high + 0.08 * span
+    if minimum is not None:
+        low = max(low, minimum)
+    raw = (high - low) / ticks
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
+    return math.floor(low / step) * step, math.ceil(high / step) * step, step
+
+
+def _tick_labels(low, high, step):
+    """(value, label) of every tick, with as many decimals as the step needs."""
+    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
+    count = round((high - low) / step)
+    return [(low + i * step, f"{low + i * step:.{decimals}f}") for i in range(count + 1)]
+
+
+def plot_sweep(rows, path, title="PQ vs. GFLOPs"):
+    """PQ against mean total GFLOPs, as ECO-M2F's Fig. 5: the fixed exits as blue dots joined by a
+    line (in exit order) and labelled with k, the gates as red crosses labelled with β (or their
+    name), with axes, ticks, grid, title and legend. Rows without PQ or GFLOPs are left out.
+    Writes an RGB PNG of SWEEP_PLOT_SIZE."""
+    from PIL import ImageDraw
+
+    width, height = SWEEP_PLOT_SIZE
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    (small, normal, large), beta = _fonts((13, 15, 18))
+    left, top, right, bottom = 90, 55, width - 200, height - 75  # the plot area; the legend goes right of it
+
+    points = [r for r in rows if r["PQ"] is not None and r["total_GFLOPs"] is not None]
+    xs = [r["total_GFLOPs"] for r in points] or [0.0, 1.0]
+    ys = [r["PQ"] for r in points] or [0.0, 1.0]
+    x_low, x_high, x_step = nice_axis(xs, minimum=0)
+    y_low, y_high, y_step = nice_axis(ys, minimum=0)
+
+    def at(x, y):
+        return (left + (x - x_low) / (x_high - x_low) * (right - left),
+                bottom - (y - y_low) / (y_high - y_low) * (bottom - top))
+
+    # Grid, ticks and their labels, then the frame over them.
+    for value, label in _tick_labels(x_low, x_high, x_step):
+        x = at(value, y_low)[0]
+        draw.line([(x, top), (x, bottom)], fill=_GRID)
+        draw.line([(x, bottom), (x, bottom + 5)], fill=_INK)
+        _text(draw, (x, bottom + 8), label, small, "center-top")
+    for value, label in _tick_labels(y_low, y_high, y_step):
+        y = at(x_low, value)[1]
+        draw.line([(left, y), (right, y)], fill=_GRID)
+        draw.line([(left - 5, y), (left, y)], fill=_INK)
+        _text(draw, (left - 8, y), label, small, "right-middle")
+    draw.rectangle([left, top, right, bottom], outline=_INK)
+    _text(draw, ((left + right) / 2, 18), title, large, "center-top")
+    _text(draw, ((left + right) / 2, height - 22), "total GFLOPs (mean per image)", normal, "center-bottom")
+    label = Image.new("RGB", (160, 24), "white")  # the y label, drawn level and turned upright
+    _text(ImageDraw.Draw(label), (80, 12), "PQ", normal, "center-middle")
+    image.paste(label.rotate(90, expand=True), (12, int((top + bottom) / 2 - 80)))
+
+    def dot(xy, r=5):
+        draw.ellipse([xy[0] - r, xy[1] - r, xy[0] + r, xy[1] + r], fill=_BLUE)
+
+    def cross(xy, r=6):
+        draw.line([(xy[0] - r, xy[1] - r), (xy[0] + r, xy[1] + r)], fill=_RED, width=3)
+        draw.line([(xy[0] - r, xy[1] + r), (xy[0] + r, xy[1] - r)], fill=_RED, width=3)
+
+    fixed = sorted((r for r in points if r["kind"] == "exit"), key=lambda r: r["exit"])
+    if len(fixed) > 1:
+        draw.line([at(r["total_GFLOPs"], r["PQ"]) for r in fixed], fill=_BLUE, width=2)
+    for r in fixed:
+        xy = at(r["total_GFLOPs"], r["PQ"])
+        dot(xy)
+        _text(draw, (xy[0] - 6, xy[1] - 6), str(r["exit"]), small, "right-bottom", _BLUE)  # clear of the line
+    for r in points:
+        if r["kind"] == "gate":
+            xy = at(r["total_GFLOPs"], r["PQ"])
+            cross(xy)
+            text = r["name"] if r["beta"] is None else f"{beta}={beta_text(r['beta'])}"
+            _text(draw, (xy[0] + 9, xy[1] - 4), text, small, "left-bottom", _RED)  # gates tend to sit above the curve
+    if not points:
+        _text(draw, ((left + right) / 2, (top + bottom) / 2), "no rows with PQ and GFLOPs", normal, "center-middle")
+
+    # Legend, right of the plot area.
+    x0, y0 = right + 20, top + 10
+    draw.rectangle([x0, y0, width - 15, y0 + 62], outline=_INK)
+    draw.line([(x0 + 10, y0 + 18), (x0 + 40, y0 + 18)], fill=_BLUE, width=2)
+    dot((x0 + 25, y0 + 18))
+    _text(draw, (x0 + 50, y0 + 18), "fixed exit k", normal, "left-middle")
+    cross((x0 + 25, y0 + 44))
+    _text(draw, (x0 + 50, y0 + 44), f"gate ({beta})", normal, "left-middle")
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def sweep_parser():
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py sweep",
+        description="ECO-M2F's accuracy-cost trade-off: evaluate every fixed exit and every gate on one split; "
+                    "DIR/sweep.json, sweep.md (as the paper's Table 4) and sweep.png (PQ vs. GFLOPs, as its Fig. 5).",
+        epilog="Put key=value overrides after the other arguments, not right after --exits or --gates "
+               "(those take every following value).")
+    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument("--weights", required=True, help="checkpoint (Step A's, trained with exits)")
+    parser.add_argument("--exits", type=int, nargs="*", default=None,
+                        help="fixed exits to evaluate (default: every one, 1..model.encoder.layers; "
+                             "--exits alone: none)")
+    parser.add_argument("--gates", nargs="+", default=[], help="gate files from gate.py (one per β)")
+    parser.add_argument("--out", required=True, help="output folder")
+    add_evaluation_options(parser, vis=0)
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a row whose folder already has a matching metrics.json instead of evaluating again")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser
+
+
+def _reusable(folder, images, exit, gate=None):
+    """The metrics in folder/metrics.json if they are those of this row (same number of images,
+    same exit, same gate description, GFLOPs counted), else None."""
+    path = Path(folder) / "metrics.json"
+    if not path.is_file():
+        return None
+    metrics = json.loads(path.read_text())
+    same = (metrics.get("images") == images and metrics.get("GFLOPs") is not None
+            and metrics.get("exit") == ("gate" if gate is not None else exit)
+            and (gate is None or metrics.get("gate") == gate_description(gate)))
+    return metrics if same else None
+
+
+def run_sweep(args):
+    """Evaluate the fixed exits and the gates with one model, then write the table and the plot."""
+    cfg = load_config(args.config, args.overrides)
+    layers = encoder_exits(cfg, args.config)
+    exits = list(range(1, layers + 1)) if args.exits is None else list(dict.fromkeys(args.exits))
+    wrong = [k for k in exits if not 1 <= k <= layers]
+    if wrong:
+        raise ValueError(f"--exits {wrong}: the encoder of {args.config} has exits 1..{layers}")
+    if not Path(args.weights).is_file():  # before minutes of loading data
+        raise FileNotFoundError(f"{args.weights}: weights file not found")
+    out = Path(args.out)
+    runs = [(f"exit {k}", "exit", k, out / f"exit_{k}", None) for k in exits]
+    for path in args.gates:  # every gate checked before anything is evaluated
+        if "=" in Path(path).name and not Path(path).exists():
+            raise FileNotFoundError(f"--gates {path}: no such gate file (a key=value override right after "
+                                    "--gates is taken for a gate; put overrides last)")
+        gate = load_gate_checked(path, cfg, args.config)
+        folder = out / f"gate_{Path(path).stem}"
+        clash = next((r[4] for r in runs if r[3] == folder), None)
+        if clash is not None:
+            raise ValueError(f"--gates: {clash} and {path} would both be evaluated into {folder}; rename one")
+        beta = gate.info.get("beta")
+        runs.append((Path(path).stem if beta is None else f"β={beta_text(beta)}", "gate", gate, folder, path))
+    if not runs:
+        raise ValueError("sweep: nothing to evaluate (no --exits and no --gates)")
+
+    dataset, model = load_split_and_model(cfg, args)
+    images = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+    rows = []
+    for name, kind, exit, folder, gate_path in runs:
+        metrics = _reusable(folder, images, exit if kind == "exit" else None,
+                            exit if kind == "gate" else None) if args.reuse else None
+        if metrics is not None:
+            print(f"sweep: {name}: reusing {folder}/metrics.json")
+        else:
+            print(f"sweep: {name} -> {folder}")
+            metrics = evaluate_dataset(model, dataset, folder, batch_size=args.batch_size, exit=exit,
+                                       max_images=args.max_images, device=args.device, amp=args.amp,
+                                       workers=cfg.data.workers if args.workers is None else args.workers,
+                                       vis_images=args.vis, fps_images=args.fps_images, flops=True)
+        rows.append(sweep_row(name, kind, metrics, folder.name, exit=exit if kind == "exit" else None,
+                              gate_path=gate_path))
+
+    table = sweep_table(rows)
+    summary = {"config": str(args.config), "weights": str(args.weights), "split": args.split,
+               "images": images, "device": str(args.device), "rows": rows}
+    atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
+    atomic_write_text(out / "sweep.md", table + "\n")
+    plot_sweep(rows, out / "sweep.png", f"PQ vs. GFLOPs: {Path(args.config).stem}, {args.split}, {images} images")
+    print(table)
+    print(f"written to {out}/sweep.json, sweep.md, sweep.png")
+    return rows
+
+
 def main(argv=None):
     """`evaluate.py flops ...` counts GFLOPs; `evaluate.py report ...` tabulates evaluations;
-    `evaluate.py [eval] ...` evaluates a checkpoint."""
+    `evaluate.py sweep ...` evaluates every exit and gate; `evaluate.py [eval] ...` evaluates a checkpoint."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("flops", "eval", "report") else "eval"
+    command = argv.pop(0) if argv and argv[0] in ("flops", "eval", "report", "sweep") else "eval"
     if command == "flops":
         run_flops(flops_parser().parse_args(argv))
     elif command == "report":
         run_report(report_parser().parse_args(argv))
+    elif command == "sweep":
+        run_sweep(sweep_parser().parse_args(argv))
     else:
         run_eval(eval_parser().parse_args(argv))
 

@@ -666,23 +666,52 @@ class Mask2Former(nn.Module):
 
     def forward(self, images, targets=None, exit=None):
         """images (B, 3, H, W) from `preprocess`; targets: None, or per image {"labels": (n,) long,
-        "masks": (n, H, W)} at the padded size; exit: None | int | LongTensor (B,) encoder exits.
+        "masks": (n, H, W)} at the padded size; exit: the encoder exit, None (all layers) | int |
+        LongTensor (B,) | an ECO-M2F gate (gate.Gate), which picks each image's exit from the
+        projected 1/32 map | a list of exits (see `forward_exits`).
 
         Returns the weighted losses (a dict of scalars) when targets are given, else the decoder's
-        predictions {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs"}.
+        predictions {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs"},
+        plus "exits" (B,) when a gate chose them.
         """
+        if isinstance(exit, (list, tuple)):  # through forward, so that DDP sees every exit's graph
+            return self.forward_exits(images, exit, targets)
         features = self.backbone(images)
-        # The official encoder runs in fp32 even under mixed precision. (The meta device, used
-        # to count FLOPs on shapes alone, has no autocast.)
-        fp32 = torch.autocast(images.device.type, enabled=False) if images.device.type != "meta" else nullcontext()
-        with fp32:
-            mask_features, multi_scale = self.encoder({k: v.float() for k, v in features.items()}, exit=exit)
+        with self.fp32(images):
+            features = {k: v.float() for k, v in features.items()}
+            if isinstance(exit, nn.Module):  # a gate
+                maps = self.encoder.project(features)
+                exit = exit(maps[0])  # (B,) exits
+                mask_features, multi_scale = self.encoder.encode(maps, features, exit)
+            else:
+                mask_features, multi_scale = self.encoder(features, exit=exit)
         outputs = self.decoder(multi_scale, mask_features)
-        if targets is None:
-            return outputs
+        if torch.is_tensor(exit) and exit.dim() == 1:
+            outputs["exits"] = exit
+        return outputs if targets is None else self.loss(outputs, targets)
+
+    def forward_exits(self, images, exits, targets=None):
+        """One backbone and encoder pass, the decoder at every exit in `exits`: a dict exit ->
+        predictions (or weighted losses when targets are given), each as forward(exit=k) gives."""
+        features = self.backbone(images)
+        with self.fp32(images):
+            encoded = self.encoder.forward_exits({k: v.float() for k, v in features.items()}, exits)
+        results = {}
+        for k, (mask_features, multi_scale) in encoded.items():
+            outputs = self.decoder(multi_scale, mask_features)
+            results[k] = outputs if targets is None else self.loss(outputs, targets)
+        return results
+
+    def loss(self, outputs, targets):
         if not self.cfg.loss.deep_supervision:
             outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
         return self.criterion(outputs, targets)
+
+    @staticmethod
+    def fp32(images):
+        """The official encoder runs in fp32 even under mixed precision. (The meta device, used to
+        count FLOPs on shapes alone, has no autocast.)"""
+        return torch.autocast(images.device.type, enabled=False) if images.device.type != "meta" else nullcontext()
 
     @torch.no_grad()
     def inference(self, outputs, image_sizes, output_sizes=None):

@@ -82,6 +82,30 @@ def lr_factor(step, cfg):
     raise ValueError(f"unknown schedule {cfg.schedule!r}; valid: step, poly")
 
 
+def sample_exit(exits, seed, step):
+    """ECO-M2F Step A: the exit of iteration `step`, uniform over `exits`. A function of (seed,
+    step) alone, so every rank draws the same exit without talking, and a resumed run the same
+    exits as an uninterrupted one."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return exits[torch.randint(len(exits), (1,), generator=g).item()]
+
+
+def training_losses(model, images, targets, cfg, step):
+    """The weighted losses of one iteration: plain Mask2Former, or ECO-M2F's weighted stochastic
+    depth when cfg.exits is set: α_k·L_k for a sampled exit k ("sample"), or Σ_k α_k·L_k ("all",
+    ECO-M2F Eq. 3). Returns (losses, the sampled exit or None)."""
+    if not cfg.exits:
+        return model(images, targets), None
+    alpha = dict(zip(cfg.exits, cfg.exit_alpha or [float(k) for k in cfg.exits]))
+    if cfg.exit_mode == "sample":
+        k = sample_exit(cfg.exits, cfg.seed, step)
+        return {name: alpha[k] * value for name, value in model(images, targets, exit=k).items()}, k
+    if cfg.exit_mode == "all":
+        per_exit = model(images, targets, exit=list(cfg.exits))
+        return {name: sum(alpha[k] * per_exit[k][name] for k in cfg.exits) for name in per_exit[cfg.exits[0]]}, None
+    raise ValueError(f"unknown train.exit_mode {cfg.exit_mode!r}; valid: sample, all")
+
+
 def make_targets(batch, padded_size, device):
     """Per image {"labels", "masks"} with the masks zero-padded to the padded batch size."""
     H, W = padded_size
@@ -183,6 +207,10 @@ def train(cfg, out_dir, resume=False, init=None):
     if tc.batch_size % world_size:
         raise ValueError(f"train.batch_size {tc.batch_size} is not divisible by {world_size} processes")
     per_rank = tc.batch_size // world_size
+    if tc.exits and (min(tc.exits) < 1 or max(tc.exits) > cfg.model.encoder.layers or cfg.model.encoder.name != "m2f"):
+        raise ValueError(f"train.exits {tc.exits}: exits need the m2f encoder and must lie in 1..{cfg.model.encoder.layers}")
+    if tc.exit_alpha and len(tc.exit_alpha) != len(tc.exits):
+        raise ValueError(f"train.exit_alpha has {len(tc.exit_alpha)} values for {len(tc.exits)} exits")
 
     checkpoint_path = out_dir / "checkpoint.pt"
     checkpoint = None
@@ -229,7 +257,10 @@ def train(cfg, out_dir, resume=False, init=None):
 
     train_model = model
     if world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # With sampled exits the layers past the exit take no part in an iteration.
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(tc.exits) and tc.exit_mode == "sample")
     if tc.compile:
         train_model = torch.compile(train_model)
 
@@ -254,7 +285,7 @@ def train(cfg, out_dir, resume=False, init=None):
         targets = make_targets(batch, images.shape[-2:], device)
         try:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                losses = train_model(images, targets)
+                losses, exit = training_losses(train_model, images, targets, tc, step)
             loss = sum(losses.values())
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {loss.item()}")
@@ -277,7 +308,8 @@ def train(cfg, out_dir, resume=False, init=None):
                 tick = time.perf_counter()
                 record = {"step": done, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                           "sec_per_iter": seconds,
-                          **{k: losses[k].item() for k in ("loss_ce", "loss_mask", "loss_dice")}}
+                          **{k: losses[k].item() for k in ("loss_ce", "loss_mask", "loss_dice")},
+                          **({"exit": exit} if exit is not None else {})}
                 log.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
                 if writer:

@@ -7,27 +7,10 @@ import sys
 import pytest
 import torch
 
-import data
 import train
 from config import load_config
-from conftest import ROOT
-
-CONFIG = str(ROOT / "configs/demo/m2f_tiny.yaml")
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    root = tmp_path_factory.mktemp("datasets")
-    data.write_synthetic(root / "synthetic", train=8, val=2, size=64, seed=0)
-    return root
-
-
-def overrides(root, **extra):
-    """A tiny, fast run: 64-px crops, batch 2, no evaluation unless asked."""
-    settings = {"data.root": str(root), "data.crop_size": "[64,64]", "data.workers": 0, "train.batch_size": 2,
-                "train.log_every": 1, "train.checkpoint_every": 2, "train.evaluate": "false",
-                "train.amp": "fp32", "model.loss.num_points": 256, **extra}
-    return [f"{k}={v}" for k, v in settings.items()]
+from conftest import ROOT, TINY as CONFIG
+from conftest import tiny_run as overrides
 
 
 def losses(run):

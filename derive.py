@@ -1,0 +1,229 @@
+"""ECO-M2F Step B: the derived dataset, the panoptic quality of every image at every encoder exit.
+
+    python derive.py --config CFG --weights CKPT --out derived.jsonl [--split train] [--exits 2 3 4 5 6]
+                     [--max-images N] [--device cpu|cuda] [key=value ...]
+    torchrun --nproc_per_node 8 derive.py ...   (the same arguments)
+
+For each image of the split (test-time resize, no augmentation) one backbone and encoder pass reads
+the decoder at every exit (Mask2Former.forward_exits); each exit's panoptic prediction, at the
+original image size, is scored against the ground truth by evaluate.image_pq (panopticapi's rules,
+[0, 1] scale; an image with nothing to evaluate scores 1.0 at every exit). The output holds one
+JSON line per image, in dataset order, each image exactly once:
+
+    {"image_id": 139, "file_name": "000000000139.jpg", "exits": [1, 2, 3, 4, 5, 6], "pq": [0.41, ...]}
+
+Files. Rank r (0 in a plain run) streams its lines into <out>.rank<r>.jsonl, flushing each, so a
+kill loses at most the image in flight. A run first reads <out> and every shard file on disk
+(whatever number of processes wrote them), skips the images they hold, and shares the rest out
+over the ranks; a last line cut short by a kill is dropped. At the end rank 0 merges everything
+into <out> (written atomically) and deletes the shards. Each rank only appends to its own shard.
+--exits defaults to every encoder layer (Step C may then choose among any subset); --max-images N
+derives the first N images, and a later run without it adds the rest.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from config import atomic_write_text, load_config
+from evaluate import image_pq, load_split_and_model
+from train import distributed, setup_distributed
+
+
+# ---- the output files -------------------------------------------------------------------------
+
+
+def shard_path(out: Path, rank: int) -> Path:
+    return out.with_name(f"{out.name}.rank{rank}.jsonl")
+
+
+def shard_files(out: Path) -> list[Path]:
+    """Every shard of `out` on disk, whatever world size wrote it."""
+    pattern = re.compile(re.escape(out.name) + r"\.rank\d+\.jsonl")
+    return sorted(p for p in out.parent.iterdir() if pattern.fullmatch(p.name)) if out.parent.is_dir() else []
+
+
+def read_lines(path: Path) -> tuple[list[dict], int]:
+    """The records of a JSON-lines file and the byte length of its complete lines. A last line
+    without its newline is a write cut short by a kill: it is left out, and recomputed."""
+    raw = path.read_bytes()
+    end = raw.rfind(b"\n") + 1
+    records = []
+    for n, line in enumerate(raw[:end].decode().splitlines(), start=1):
+        if line.strip():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not JSON ({e}); delete the file to start over") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}: line {n} is not a JSON object; delete the file to start over")
+            records.append(record)
+    return records, end
+
+
+def read_done(out: Path, exits: list[int], file_names: dict) -> dict:
+    """image_id -> record of every image already in `out` or its shards, each checked against
+    this run (same exits, an image of this split). An image found twice (killed between the merge
+    and the removal of the shards) counts once: it was computed from the same weights."""
+    done = {}
+    for path in ([out] if out.is_file() else []) + shard_files(out):
+        for record in read_lines(path)[0]:
+            image_id = record.get("image_id")
+            if record.get("exits") != exits or len(record.get("pq", ())) != len(exits):
+                raise ValueError(f"{path}: image {image_id} was derived at exits {record.get('exits')}, this run "
+                                 f"asks for {exits}; pass --exits to match, or choose another --out")
+            if file_names.get(image_id) != record.get("file_name"):
+                raise ValueError(f"{path}: image {image_id} ({record.get('file_name')}) is not an image of this "
+                                 "split; was the file derived from another split or dataset?")
+            done.setdefault(image_id, record)
+    return done
+
+
+# ---- one image --------------------------------------------------------------------------------
+
+
+class ImagesWithGroundTruth(torch.utils.data.Dataset):
+    """(the test-resized sample, the stored sample with the ground truth at the original size) of
+    the chosen dataset indices; each file is read once (the test transform is deterministic)."""
+
+    def __init__(self, dataset, indices):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        raw = self.dataset.load(self.indices[j])  # "ids" (H, W) and "segments" as stored: the ground truth
+        transform = self.dataset.transform
+        return transform(raw, torch.Generator()) if transform else raw, raw
+
+
+def as_is(item):
+    return item  # the loader's collate_fn: samples differ in size and the model pads them itself
+
+
+@torch.no_grad()
+def derive_image(model, sample, gt, exits, categories, to_dataset) -> list[float]:
+    """PQ of one image at every exit: one backbone + encoder pass, the decoder read at each exit."""
+    images, sizes = model.preprocess([sample["image"].to(model.pixel_mean.device)])  # (1, 3, H, W)
+    outputs = model.forward_exits(images, exits)  # exit -> decoder predictions
+    original = [(int(sample["height"]), int(sample["width"]))]
+    pq = []
+    for k in exits:
+        ids, segments = model.inference(outputs[k], sizes, output_sizes=original)[0]["panoptic_seg"]
+        segments = [{"id": int(s["id"]), "category_id": to_dataset[int(s["category_id"])]} for s in segments]
+        pq.append(image_pq(gt["ids"], gt["segments"], ids, segments, categories)["pq"])
+    return pq
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config of the (Step A) model")
+    parser.add_argument("--weights", required=True, help="checkpoint: train.py's, a state dict, or an official .pkl")
+    parser.add_argument("--out", required=True, help="output JSON-lines file, e.g. derived.jsonl")
+    parser.add_argument("--split", default="train", choices=("train", "val"))
+    parser.add_argument("--exits", nargs="+", help="encoder exits (default: every layer, 1..layers)")
+    parser.add_argument("--max-images", type=int, default=None, help="only the first N images of the split")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available; "
+                                                       "under torchrun each rank's own GPU)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    args = parser.parse_args(argv)
+    if args.exits:  # nargs="+" also swallows the key=value overrides written after the exits
+        args.overrides += [e for e in args.exits if "=" in e]
+        args.exits = [e for e in args.exits if "=" not in e]
+        if not all(e.isdigit() for e in args.exits):
+            parser.error(f"--exits takes encoder layer numbers, got {' '.join(args.exits)}")
+        args.exits = [int(e) for e in args.exits]
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    cfg = load_config(args.config, args.overrides)
+    # Step B scores the panoptic output only; instance and semantic post-processing are wasted work.
+    cfg.model.inference.panoptic, cfg.model.inference.instance, cfg.model.inference.semantic = True, False, False
+    if not Path(args.weights).is_file():  # before minutes of loading data
+        raise FileNotFoundError(f"{args.weights}: weights file not found")
+
+    rank, world_size, device = setup_distributed()
+    args.device = args.device or device
+    dataset, model = load_split_and_model(cfg, args)  # classes checked, weights loaded (strict)
+    model.eval()
+    file_names = {img["id"]: img["file_name"] for img in dataset.images}
+    if len(file_names) != len(dataset):
+        raise ValueError(f"{dataset.json_file}: image ids are not unique; derive.py identifies images by id")
+    if not hasattr(model.encoder, "forward_exits"):
+        raise ValueError(f"{args.config}: encoder {cfg.model.encoder.name!r} has no exits; ECO-M2F needs 'm2f'")
+    exits = sorted(set(args.exits or range(1, model.encoder.num_exits + 1)))
+    if exits[0] < 1 or exits[-1] > model.encoder.num_exits or len(exits) != len(args.exits or exits):
+        raise ValueError(f"--exits {args.exits}: exits are distinct layers in 1..{model.encoder.num_exits} "
+                         f"(model.encoder.layers of {args.config})")
+
+    n = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+    done = read_done(out, exits, file_names)
+    todo = [i for i in range(n) if dataset.images[i]["id"] not in done]
+    if not todo and not shard_files(out):
+        if rank == 0:
+            print(f"{out}: all {n} images done")
+        return finish()
+    if distributed():
+        dist.barrier()  # every rank has read the files before any rank writes to them
+
+    mine = todo[rank::world_size]
+    if mine:
+        categories = {c["id"]: c for c in dataset.categories}
+        to_dataset = {k: c["id"] for k, c in enumerate(dataset.categories)}  # contiguous -> dataset id
+        loader = torch.utils.data.DataLoader(ImagesWithGroundTruth(dataset, mine), batch_size=None,
+                                             collate_fn=as_is, num_workers=cfg.data.workers)
+        shard = shard_path(out, rank)
+        if shard.is_file():  # drop a line cut short by a kill before appending after it
+            os.truncate(shard, read_lines(shard)[1])
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(shard, "a") as f:
+            for sample, gt in tqdm(loader, desc=f"derive [rank {rank}]", position=rank, dynamic_ncols=True):
+                pq = derive_image(model, sample, gt, exits, categories, to_dataset)
+                record = {"image_id": sample["image_id"], "file_name": sample["file_name"], "exits": exits, "pq": pq}
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+
+    if distributed():
+        dist.barrier()  # every shard is complete
+    if rank == 0:
+        merge(out, dataset, n, exits, file_names, computed=len(todo))
+    return finish()
+
+
+def merge(out, dataset, n, exits, file_names, computed):
+    """<out> := every record of <out> and its shards, in dataset order, each image once; then the
+    shards go. Prints the summary."""
+    shards = shard_files(out)
+    done = read_done(out, exits, file_names)
+    missing = [dataset.images[i]["id"] for i in range(n) if dataset.images[i]["id"] not in done]
+    if missing:
+        raise RuntimeError(f"{out}: images {missing[:10]} were not derived (a rank failed?); run again to finish")
+    records = [done[img["id"]] for img in dataset.images if img["id"] in done]
+    atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in records))
+    for path in shards:
+        path.unlink()
+    means = "  ".join(f"exit {k} {sum(r['pq'][j] for r in records) / max(len(records), 1):.4f}"
+                      for j, k in enumerate(exits))
+    print(f"{out}: {len(records)} images ({computed} computed now), mean PQ  {means}")
+
+
+def finish():
+    if distributed():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
