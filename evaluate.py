@@ -1215,7 +1215,7 @@ def run_report(args):
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     pictures = []
     for item in args.runs:
-        name, sep, folder = item.partition("=")
+        name, sep, folder = item.rpartition("=")  # the last "=": a name may hold one (β=0.02)
         if not sep:
             raise SystemExit(f"report: {item!r} is not NAME=DIR")
         path = Path(folder) / "metrics.json"
@@ -1224,7 +1224,7 @@ def run_report(args):
         m = json.loads(path.read_text())
         encoder = (m.get("GFLOPs_parts") or {}).get("encoder")
         cells = [m.get(k) for k in ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")] + [encoder, m.get("GFLOPs"), m.get("FPS")]
-        lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(_cell(v) for v in cells) + " |")
         pictures += [f"![{name}]({p.resolve()})" for p in sorted((Path(folder) / "vis").glob("*.png"))[:1]]
     pictures += [f"![{Path(p).stem}]({Path(p).resolve()})" for p in args.image]
     table = "\n".join(lines)

@@ -271,3 +271,12 @@ def test_bad_gate_input(eco, tmp_path, capsys):
     with pytest.raises(SystemExit) as error:
         evaluate.main([*args, "--gate", str(eco.gate_path), "--exit", "2"])
     assert error.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+
+
+def test_report_row_names_may_contain_equals_signs(tmp_path, capsys):
+    folder = tmp_path / "gate"
+    folder.mkdir()
+    (folder / "metrics.json").write_text(json.dumps({"PQ": 50.0, "GFLOPs": 1.5, "GFLOPs_parts": {"encoder": 0.5}}))
+    evaluate.main(["report", f"gate, β=0.02={folder}", "--out", str(tmp_path / "report.md")])
+    assert "| gate, β=0.02 | 50.00 |" in capsys.readouterr().out
+    assert (tmp_path / "report.md").exists()
