@@ -28,6 +28,7 @@ import argparse
 import io
 import json
 import math
+import os
 import pickle
 import sys
 import time
@@ -1225,8 +1226,11 @@ def run_report(args):
         encoder = (m.get("GFLOPs_parts") or {}).get("encoder")
         cells = [m.get(k) for k in ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")] + [encoder, m.get("GFLOPs"), m.get("FPS")]
         lines.append(f"| {name} | " + " | ".join(_cell(v) for v in cells) + " |")
-        pictures += [f"![{name}]({p.resolve()})" for p in sorted((Path(folder) / "vis").glob("*.png"))[:1]]
-    pictures += [f"![{Path(p).stem}]({Path(p).resolve()})" for p in args.image]
+        pictures += [(name, p) for p in sorted((Path(folder) / "vis").glob("*.png"))[:1]]
+    pictures += [(Path(p).stem, Path(p)) for p in args.image]
+    # Links relative to the report, so that the run folder can move.
+    base = Path(args.out).resolve().parent if args.out else Path.cwd()
+    pictures = [f"![{name}]({os.path.relpath(Path(p).resolve(), base)})" for name, p in pictures]
     table = "\n".join(lines)
     print(table)
     if args.out:
