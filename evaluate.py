@@ -157,7 +157,7 @@ def _interpolate(out, input, size=None, scale_factor=None, mode="nearest", align
         return 4 * out.numel()
     if mode == "nearest":
         return out.numel()
-    raise NotImplementedError(
+    raise ValueError(
         f"FlopCounter: no fvcore formula for F.interpolate(mode={mode!r}, antialias={antialias}); "
         "only bilinear and nearest are priced")
 
@@ -194,7 +194,7 @@ def _einsum(out, equation, *operands):
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):  # einsum(eq, [a, b])
         operands = operands[0]
     if len(operands) > 2:
-        raise NotImplementedError(
+        raise ValueError(
             f"FlopCounter: einsum with {len(operands)} operands would need numpy's optimal contraction "
             "path; write it as pairwise einsums")
     inputs, arrow, output = equation.replace(" ", "").partition("->")
@@ -218,7 +218,7 @@ def _einsum(out, equation, *operands):
 
 
 def _hides_its_ops(out, *_, **__):
-    raise NotImplementedError(
+    raise ValueError(
         "FlopCounter cannot see inside F.multi_head_attention_forward (nn.MultiheadAttention): a "
         "TorchFunctionMode sees only the outermost call, so its projections and attention would count "
         "as zero. Compute attention with F.linear and F.scaled_dot_product_attention instead.")
