@@ -32,7 +32,7 @@ import os
 import pickle
 import sys
 import time
-from contextlib import contextmanager, nullcontext, redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from config import atomic_write_text, load_config
 from data import collate, ids_to_rgb, read_panoptic_png
-from model import build_model, load_weights
+from model import autocast, build_model, load_weights
 
 
 # ---- GFLOPs, counted as fvcore / detectron2 do ----
@@ -679,14 +679,6 @@ def average_gflops(model, sizes, exit=None, complete=False) -> dict:
     return {p: sum(cost[key][p] for key in keys) / len(keys) for p in parts}
 
 
-def _autocast(device, amp):
-    if amp == "fp32":
-        return nullcontext()
-    if amp not in ("fp16", "bf16"):
-        raise ValueError(f"amp must be fp32, fp16 or bf16, got {amp!r}")
-    return torch.autocast(torch.device(device).type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
-
-
 @torch.no_grad()
 def measure_fps(model, samples, device="cpu", exit=None, amp="fp32", warmup=2) -> float | None:
     """Images per second at batch 1: the median over `samples` (dataset samples with "image",
@@ -702,7 +694,7 @@ def measure_fps(model, samples, device="cpu", exit=None, amp="fp32", warmup=2) -
 
     def run(sample):
         images, sizes = model.preprocess([sample["image"].to(device)])
-        with _autocast(device, amp):
+        with autocast(torch.device(device).type, amp):
             outputs = model(images, exit=exit)
         model.inference(outputs, sizes, output_sizes=[(sample["height"], sample["width"])])
 
@@ -862,7 +854,7 @@ def evaluate_dataset(model, dataset, out_dir, batch_size=1, exit=None, max_image
     confusion = np.zeros((K + 1, K + 1), dtype=np.int64)
     for batch in tqdm(loader, desc="evaluate", total=len(loader), disable=not progress):
         images, image_sizes = model.preprocess([s["image"].to(device, non_blocking=True) for s in batch])
-        with _autocast(device, amp):
+        with autocast(torch.device(device).type, amp):
             outputs = model(images, exit=exit)
         if gated:
             if "exits" not in outputs:

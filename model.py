@@ -626,6 +626,17 @@ def instance_inference(mask_cls, mask_pred, is_thing, num_queries_topk=100, pano
     return {"masks": masks, "scores": scores * mask_scores, "labels": labels}
 
 
+AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(device_type, amp):
+    """Mixed precision by name: "fp32" (none), "fp16" or "bf16"."""
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"unknown amp {amp!r}; valid: {', '.join(AMP_DTYPES)}")
+    dtype = AMP_DTYPES[amp]
+    return nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
 # ---- the meta-architecture -----------------------------------------------------------------
 
 

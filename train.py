@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 import data
 from config import config_from_dict, config_to_dict, load_config, save_config
-from model import build_model, load_weights
+from model import AMP_DTYPES, autocast, build_model, load_weights
 
 NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm,
          torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm)
@@ -244,10 +244,8 @@ def train(cfg, out_dir, resume=False, init=None):
 
     optimizer = build_optimizer(model, tc)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
-    amp_dtypes = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}
-    if tc.amp not in amp_dtypes:
-        raise ValueError(f"unknown train.amp {tc.amp!r}; valid: {', '.join(amp_dtypes)}")
-    amp_dtype = amp_dtypes[tc.amp]
+    if tc.amp not in AMP_DTYPES:
+        raise ValueError(f"unknown train.amp {tc.amp!r}; valid: {', '.join(AMP_DTYPES)}")
     scaler = torch.amp.GradScaler(device.type, enabled=tc.amp == "fp16")
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
@@ -284,7 +282,7 @@ def train(cfg, out_dir, resume=False, init=None):
         images, _ = model.preprocess([s["image"].to(device) for s in batch])
         targets = make_targets(batch, images.shape[-2:], device)
         try:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            with autocast(device.type, tc.amp):
                 losses, exit = training_losses(train_model, images, targets, tc, step)
             loss = sum(losses.values())
             if not torch.isfinite(loss):

@@ -1,10 +1,4 @@
 """Tests for the matcher, the criterion and the inference post-processing (model.py)."""
-import math
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pytest
 import torch
 import torch.nn.functional as F

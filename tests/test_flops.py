@@ -1,8 +1,4 @@
 """FLOP counter: every expected number is written out from the formula it checks."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytest
 import torch
@@ -241,7 +237,7 @@ import evaluate  # noqa: E402
 from config import load_config  # noqa: E402
 from model import build_model  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT  # noqa: E402
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.name != "base.yaml")
 
 

@@ -36,11 +36,6 @@ against mask2former/modeling/{pixel_decoder/msdeformattn.py, transformer_decoder
     * HF sets `layerdrop = config.dropout` in the decoder (a quirk; training only). With dropout 0
       and eval mode it never triggers.
 """
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import pytest
 import torch
 import torch.nn.functional as F

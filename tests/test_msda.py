@@ -6,17 +6,9 @@ same reference with hand-indexed parameter layouts, under gradcheck, torch.compi
 and for its official Deformable-DETR initialisation.
 """
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-try:
-    import msda
-except ImportError:  # run from somewhere that does not put the repo root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import msda
 
 from msda import MSDeformAttn, ms_deform_attn
 
