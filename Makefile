@@ -21,9 +21,10 @@ setup: $(VENV)/.installed
 DEMO := runs/demo
 demo: setup
 	$(PY) data.py synth --out datasets/synthetic
-	$(PY) train.py --config configs/demo/m2f_tiny.yaml --out $(DEMO)/m2f
-	$(PY) train.py --config configs/demo/proscale_tiny.yaml --out $(DEMO)/proscale
-	$(PY) train.py --config configs/demo/eco_tiny.yaml --out $(DEMO)/eco --init $(DEMO)/m2f/model_final.pt train.evaluate=false
+	$(PY) train.py --config configs/demo/m2f_tiny.yaml --out $(DEMO)/m2f --overwrite
+	$(PY) train.py --config configs/demo/proscale_tiny.yaml --out $(DEMO)/proscale --overwrite
+	$(PY) train.py --config configs/demo/eco_tiny.yaml --out $(DEMO)/eco --overwrite --init $(DEMO)/m2f/model_final.pt train.evaluate=false
+	rm -f $(DEMO)/eco/derived.jsonl*  # Step B again: the Step A weights are new
 	$(PY) derive.py --config configs/demo/eco_tiny.yaml --weights $(DEMO)/eco/model_final.pt --out $(DEMO)/eco/derived.jsonl
 	for beta in 0.0 0.02; do $(PY) gate.py --config configs/demo/eco_tiny.yaml --weights $(DEMO)/eco/model_final.pt \
 		--derived $(DEMO)/eco/derived.jsonl --beta $$beta --out $(DEMO)/eco/beta$$beta.pt || exit 1; done

@@ -10,6 +10,8 @@ Mask2Former setting (COCO panoptic, ResNet-50) unless its comment says otherwise
 """
 import dataclasses
 import os
+import pickle
+import re
 import tempfile
 import typing
 from dataclasses import dataclass, field
@@ -180,9 +182,13 @@ class ConfigError(ValueError):
     pass
 
 
-def read_yaml(path):
-    """The merged dictionary of a YAML file and its `_base_` chain."""
+def read_yaml(path, base=None, _chain=()):
+    """The merged dictionary of a YAML file and its `_base_` chain. `base` replaces the file's own
+    `_base_` (the `_base_=FILE` command-line override: an ECO-M2F config on another backbone)."""
     path = Path(path)
+    if path.resolve() in _chain:
+        cycle = " -> ".join(str(p) for p in (*_chain, path.resolve()))
+        raise ConfigError(f"{path}: `_base_` files include each other ({cycle})")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except OSError as e:
@@ -192,9 +198,13 @@ def read_yaml(path):
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping, not {type(data).__name__}")
     bases = data.pop("_base_", [])
+    if base is not None:
+        bases = base
     merged = {}
-    for base in [bases] if isinstance(bases, str) else bases:
-        merged = merge(merged, read_yaml(path.parent / base))
+    for name in [bases] if isinstance(bases, str) else bases:
+        if not isinstance(name, str):
+            raise ConfigError(f"{path}: `_base_` must name YAML files, got {name!r}")
+        merged = merge(merged, read_yaml(path.parent / name, _chain=(*_chain, path.resolve())))
     return merge(merged, data)
 
 
@@ -263,10 +273,15 @@ def check_type(value, kind, where, name):
 
 
 def load_config(path=None, overrides=()):
-    """Config from a YAML file (or the defaults when `path` is None) plus `key=value` overrides."""
-    data = read_yaml(path) if path else {}
+    """Config from a YAML file (or the defaults when `path` is None) plus `key=value` overrides.
+    An override `_base_=FILE` (relative to the config file) replaces the file's `_base_`."""
+    base = [item.partition("=")[2] for item in overrides if item.startswith("_base_=")]
+    overrides = [item for item in overrides if not item.startswith("_base_=")]
+    if base and not path:
+        raise ConfigError("_base_=... needs a config file to apply to")
+    data = read_yaml(path, base[-1] if base else None) if path else {}
     where = str(path) if path else "defaults"
-    if overrides:
+    if overrides or base:
         data = apply_overrides(data, overrides)
         where += " + command line"
     return from_dict(Config, data, where)
@@ -285,16 +300,162 @@ def save_config(cfg, path):
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def atomic_write_text(path, text):
+# ---- files: atomic writes and checkpoints ---------------------------------------------------
+#
+# torch is imported inside the functions that need it, so that reading a config (and every
+# script's --help and config errors) does not wait for torch.
+
+
+def atomic_write(path, write, binary=False):
+    """Call write(file) on a temporary file in the same folder, flush it to disk, then rename it
+    over `path`: a write killed halfway (or a full disk) leaves the previous file intact, and the
+    temporary file is removed on any error."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)  # mkstemp makes the file 0600; give it the usual mode (0644 under umask 022)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path, text):
+    atomic_write(path, lambda f: f.write(text))
+
+
+def atomic_save(obj, path):
+    """torch.save(obj) to `path`, atomically."""
+    import torch
+
+    atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+# ---- checkpoints: ours and the official detectron2 ones ---------------------------------------------------------------------------
+
+
+# Official (detectron2) parameter names -> ours, applied in order; `\1`... keep indices.
+OFFICIAL_NAMES = [
+    # ResNet (detectron2 -> torchvision layout)
+    (r"^backbone\.stem\.conv1\.norm\.", "backbone.bn1."),
+    (r"^backbone\.stem\.conv1\.", "backbone.conv1."),
+    (r"^backbone\.res(\d)\.", lambda m: f"backbone.layer{int(m[1]) - 1}."),
+    (r"(backbone\.layer\d\.\d+)\.shortcut\.norm\.", r"\1.downsample.1."),
+    (r"(backbone\.layer\d\.\d+)\.shortcut\.", r"\1.downsample.0."),
+    (r"(backbone\.layer\d\.\d+)\.conv(\d)\.norm\.", r"\1.bn\2."),
+    # Swin (Microsoft layout -> torchvision layout)
+    (r"^backbone\.patch_embed\.proj\.", "backbone.features.0.0."),
+    (r"^backbone\.patch_embed\.norm\.", "backbone.features.0.2."),
+    (r"^backbone\.layers\.(\d)\.blocks\.", lambda m: f"backbone.features.{2 * int(m[1]) + 1}."),
+    (r"^backbone\.layers\.(\d)\.downsample\.", lambda m: f"backbone.features.{2 * int(m[1]) + 2}."),
+    (r"\.mlp\.fc1\.", ".mlp.0."),
+    (r"\.mlp\.fc2\.", ".mlp.3."),
+    (r"^backbone\.norm(\d)\.", r"backbone.norms.\1."),
+    # pixel decoder -> encoder
+    (r"^sem_seg_head\.pixel_decoder\.input_proj\.", "encoder.input_proj.proj."),
+    (r"^sem_seg_head\.pixel_decoder\.transformer\.level_embed$", "encoder.input_proj.level_embed"),
+    (r"^sem_seg_head\.pixel_decoder\.transformer\.encoder\.layers\.", "encoder.layers."),
+    (r"^sem_seg_head\.pixel_decoder\.transformer\.encoder\.token_excite\.ops\.", "encoder.trc.phi."),  # PRO-SCALE
+    (r"^sem_seg_head\.pixel_decoder\.mask_features\.", "encoder.mask_branch.mask_features."),
+    (r"^sem_seg_head\.pixel_decoder\.adapter_1\.norm\.", "encoder.mask_branch.lateral.1."),
+    (r"^sem_seg_head\.pixel_decoder\.adapter_1\.", "encoder.mask_branch.lateral.0."),
+    (r"^sem_seg_head\.pixel_decoder\.layer_1\.norm\.", "encoder.mask_branch.output.1."),
+    (r"^sem_seg_head\.pixel_decoder\.layer_1\.", "encoder.mask_branch.output.0."),
+    # transformer decoder
+    (r"^sem_seg_head\.predictor\.transformer_self_attention_layers\.(\d+)\.self_attn\.", r"decoder.self_attn.\1.attn."),
+    (r"^sem_seg_head\.predictor\.transformer_self_attention_layers\.", "decoder.self_attn."),
+    (r"^sem_seg_head\.predictor\.transformer_cross_attention_layers\.(\d+)\.multihead_attn\.", r"decoder.cross_attn.\1.attn."),
+    (r"^sem_seg_head\.predictor\.transformer_cross_attention_layers\.", "decoder.cross_attn."),
+    (r"^sem_seg_head\.predictor\.transformer_ffn_layers\.", "decoder.ffn."),
+    (r"^sem_seg_head\.predictor\.", "decoder."),
+]
+
+
+def official_to_ours(name):
+    """Our parameter name for an official detectron2 Mask2Former name."""
+    for pattern, repl in OFFICIAL_NAMES:
+        name = re.sub(pattern, repl, name)
+    return name
+
+
+def convert_official_state_dict(state, model):
+    """Rename an official state dict to ours; buffers we compute ourselves are dropped.
+
+    Returns (state dict for `model.load_state_dict`, list of official keys that were not used).
+    """
+    ours = model.state_dict()
+    converted, unused = {}, []
+    for name, value in state.items():
+        new = official_to_ours(name)
+        if new in ours and ours[new].shape == value.shape:
+            converted[new] = value
+        else:
+            unused.append(name)
+    return converted, unused
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles detectron2 model-zoo .pkl files: numpy arrays and plain containers, nothing else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_checkpoint_file(path):
+    """The state dict of a checkpoint: ours (.pt/.pth, weights only) or an official .pkl. Every
+    problem (missing, truncated, not a checkpoint, refused pickle) is a ValueError naming the file."""
+    import torch
+
+    path = str(path)
+    try:
+        if path.endswith(".pkl"):
+            with open(path, "rb") as f:
+                data = _RestrictedUnpickler(f, encoding="latin1").load()
+        else:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: weights file not found") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
+        data = data["model"]
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: no state dict inside")
+    try:
+        return {k: torch.as_tensor(v) for k, v in data.items()}
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path}: a value of the state dict is not a tensor ({e})") from None
+
+
+def load_weights(model, path, strict=True):
+    """Load our checkpoint (train.py's, or a bare state dict) or an official detectron2 one into
+    `model`. Returns (missing, unexpected) key lists; strict=True (the default, for evaluation and
+    Step B/C) raises if either is non-empty. Every error is a ValueError naming the file."""
+    state = load_checkpoint_file(path)
+    unexpected = []
+    if any(k.startswith("sem_seg_head.") for k in state):  # official naming
+        state, unexpected = convert_official_state_dict(state, model)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that differ: weights of another model
+        raise ValueError(f"{path}: does not fit this model ({e})") from None
+    missing, unexpected = list(result.missing_keys), unexpected + list(result.unexpected_keys)
+    if strict and (missing or unexpected):
+        raise ValueError(f"{path}: does not fit this model: {len(missing)} missing keys {missing[:8]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:8]}")
+    return missing, unexpected

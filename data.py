@@ -3,7 +3,7 @@ the synthetic shapes dataset.
 
     python data.py synth --out datasets/synth [--train 200] [--val 50] [--size 128 | --size H W] [--seed 0]
 
-Every dataset is read in COCO panoptic format (DESIGN.md section 8): an image folder, a folder
+Every dataset is read in COCO panoptic format: an image folder, a folder
 of RGB-encoded id PNGs (id = R + 256 G + 256^2 B, 0 = void) and a JSON with `images`,
 `annotations[].segments_info[]` and `categories[]`. Cityscapes is read after cityscapesscripts'
 `createPanopticImgs` conversion (images may sit in per-city subfolders).
@@ -501,7 +501,7 @@ def cityscapes_short_sides(short_side):
     return sorted({round(low + (high - low) * k / 15) for k in range(16)})
 
 
-def build_transform(cfg: DataConfig, train: bool):
+def build_transform(cfg: DataConfig, *, train: bool):
     """The augmentation of the official recipes.
 
     train, augment "lsj" (COCO): RandomFlip, ResizeScale(min_scale, max_scale, crop), FixedSizeCrop(crop).
@@ -575,15 +575,45 @@ def seed_worker(worker_id):
     random.seed(s)
 
 
-def build_dataset(cfg: DataConfig, split: str, train: bool) -> PanopticDataset:
+def build_dataset(cfg: DataConfig, *, split: str, train: bool) -> PanopticDataset:
     """The dataset of data.<split> (split "train" or "val") under dataset_root(cfg.root), with the
     training augmentation (train=True) or the test-time resize (train=False)."""
     if split not in ("train", "val"):
         raise ValueError(f"build_dataset: split must be 'train' or 'val', got {split!r}")
-    return PanopticDataset(getattr(cfg, split), dataset_root(cfg.root), build_transform(cfg, train))
+    return PanopticDataset(getattr(cfg, split), dataset_root(cfg.root), build_transform(cfg, train=train))
 
 
-def build_train_loader(cfg: DataConfig, dataset, batch_size_per_rank: int, seed: int, rank: int,
+def check_classes(dataset, model_cfg, where):
+    """The model's classes (model.num_classes, model.thing_classes of the config `where`) must be
+    the dataset's: contiguous ids are its categories sorted by id."""
+    things = sorted(dataset.thing_classes)
+    if (dataset.num_classes, things) != (model_cfg.num_classes, sorted(model_cfg.thing_classes)):
+        raise DataError(f"{where}: model.num_classes={model_cfg.num_classes}, model.thing_classes="
+                        f"{model_cfg.thing_classes}, but {dataset.json_file} has {dataset.num_classes} classes, "
+                        f"things {things} (contiguous ids: categories sorted by id)")
+
+
+def setup_distributed():
+    """(rank, world_size, device) for a plain run or a torchrun launch (nccl on GPU, gloo on CPU):
+    the processes that share out a dataset (TrainSampler, derive.py's shards)."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl")
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
+    dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def distributed():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def build_train_loader(cfg: DataConfig, dataset, *, batch_size_per_rank: int, seed: int, rank: int,
                        world_size: int, start: int) -> torch.utils.data.DataLoader:
     """An infinite loader of lists of samples for this rank; `start` = items this rank has
     consumed (iteration x batch_size_per_rank) to resume exactly."""

@@ -32,8 +32,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from config import atomic_write_text, load_config
-from evaluate import image_pq, load_split_and_model
-from train import distributed, setup_distributed
+from data import distributed, setup_distributed
+from encoders import check_exit
+from metrics import image_pq, load_evaluation
 
 
 # ---- the output files -------------------------------------------------------------------------
@@ -152,22 +153,16 @@ def main(argv=None):
     cfg = load_config(args.config, args.overrides)
     # Step B scores the panoptic output only; instance and semantic post-processing are wasted work.
     cfg.model.inference.panoptic, cfg.model.inference.instance, cfg.model.inference.semantic = True, False, False
-    if not Path(args.weights).is_file():  # before minutes of loading data
-        raise FileNotFoundError(f"{args.weights}: weights file not found")
-
     rank, world_size, device = setup_distributed()
-    args.device = args.device or device
-    dataset, model = load_split_and_model(cfg, args)  # classes checked, weights loaded (strict)
+    dataset, model = load_evaluation(cfg, args.config, args.weights, args.split, args.device or device)
     model.eval()
     file_names = {img["id"]: img["file_name"] for img in dataset.images}
     if len(file_names) != len(dataset):
         raise ValueError(f"{dataset.json_file}: image ids are not unique; derive.py identifies images by id")
-    if not hasattr(model.encoder, "forward_exits"):
-        raise ValueError(f"{args.config}: encoder {cfg.model.encoder.name!r} has no exits; ECO-M2F needs 'm2f'")
+    check_exit(model.encoder, args.exits or list(range(1, model.encoder.num_exits + 1)), "--exits")
     exits = sorted(set(args.exits or range(1, model.encoder.num_exits + 1)))
-    if exits[0] < 1 or exits[-1] > model.encoder.num_exits or len(exits) != len(args.exits or exits):
-        raise ValueError(f"--exits {args.exits}: exits are distinct layers in 1..{model.encoder.num_exits} "
-                         f"(model.encoder.layers of {args.config})")
+    if args.exits and len(exits) != len(args.exits):
+        raise ValueError(f"--exits {args.exits}: each exit once")
 
     n = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     done = read_done(out, exits, file_names)

@@ -1,15 +1,30 @@
 """Transformer encoders ("pixel decoders") of Mask2Former and its efficient variants.
 
-Every encoder takes the backbone features {"res2": 1/4, "res3": 1/8, "res4": 1/16, "res5": 1/32}
-and returns `(mask_features, multi_scale)`:
+The encoder contract, which every encoder of `build_encoder` keeps and tests/test_encoders.py checks
+for each of them (so that a new encoder gets the checks for free):
 
-    mask_features (B, C, H/4, W/4)   per-pixel embeddings that the decoder's queries dot with
-    multi_scale   [1/32, 1/16, 1/8]  (B, C, h, w) maps, lowest resolution first, for the decoder
+    forward(features, exit=None) -> (mask_features, multi_scale)
+        features       {"res2": (B, C2, H/4, W/4), "res3": 1/8, "res4": 1/16, "res5": 1/32} from the
+                       backbone, float32
+        exit           None (every layer), an int k (stop after layer k) or a LongTensor (B,) of
+                       per-image exits, checked by `check_exit`; only when num_exits > 0
+        mask_features  (B, dim, H/s, W/s), s = mask_stride: the per-pixel embeddings the queries dot with
+        multi_scale    [1/32, 1/16, 1/8] maps (B, dim, h, w), lowest resolution first, for the decoder
+    dim                channels of everything it returns
+    mask_stride        s above: 4, or 8 without a res2 branch (ablation C1)
+    num_exits          how many layers can end the encoder (ECO-M2F); 0 = its layers cannot stop early
+    gate_map(features) the projected 1/32 map (B, dim, h, w) before any layer: the gate's input
+                       (ECO-M2F Eq. 6, pooled by Mask2Former.gate_features)
+    forward_exits(features, exits)
+                       {k: forward(features, exit=k)} for every k of `exits`, from one pass through
+                       the layers; only when num_exits > 0
 
-The pieces they share live at the top of this file: the sine position embedding, the post-norm
-deformable layer, the input projections with level embeddings, and the 1/4-resolution mask branch.
+Whether a model has exits is asked of its encoder (`num_exits`), never of its name. The pieces the
+encoders share come first in this file: the sine position embedding, the post-norm deformable
+layer, the input projections with level embeddings, the 1/4-resolution mask branch, the exit check.
 """
 import math
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +33,20 @@ from torch import nn
 from msda import MSDeformAttn
 
 LEVELS = ("res5", "res4", "res3")  # encoder levels, lowest resolution first (official order)
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """The contract of the module docstring, as a type (isinstance checks the names are there)."""
+
+    name: str  # model.encoder.name, for messages
+    dim: int
+    mask_stride: int
+    num_exits: int
+
+    def forward(self, features: dict, exit=None) -> tuple: ...
+
+    def gate_map(self, features: dict) -> torch.Tensor: ...
 
 
 def sine_position_embedding(height, width, num_feats=128, temperature=10000, device=None):
@@ -77,9 +106,9 @@ class DeformableEncoderLayer(nn.Module):
     Parameter names follow the official layer so checkpoints map one to one.
     """
 
-    def __init__(self, dim=256, n_levels=3, heads=8, points=4, ffn_dim=1024, dropout=0.0):
+    def __init__(self, *, dim=256, levels=3, heads=8, points=4, ffn_dim=1024, dropout=0.0):
         super().__init__()
-        self.self_attn = MSDeformAttn(dim, n_levels, heads, points)
+        self.self_attn = MSDeformAttn(dim=dim, levels=levels, heads=heads, points=points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.linear1 = nn.Linear(dim, ffn_dim)
@@ -102,7 +131,7 @@ class InputProjection(nn.Module):
     """Per level a 1x1 conv (with bias) and GroupNorm(32) to the encoder width, plus a learned
     level embedding that tells the attention which scale a token comes from."""
 
-    def __init__(self, in_channels, dim=256):
+    def __init__(self, in_channels, *, dim=256):
         super().__init__()
         self.proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c, dim, kernel_size=1), nn.GroupNorm(32, dim)) for c in in_channels
@@ -145,7 +174,7 @@ class MaskBranch(nn.Module):
 
     KINDS = ("conv", "lpe_max", "lpe_avg", "none")
 
-    def __init__(self, in_channels, dim=256, kind="conv"):
+    def __init__(self, in_channels, *, dim=256, kind="conv"):
         super().__init__()
         if kind not in self.KINDS:
             raise ValueError(f"unknown mask branch {kind!r}; valid: {', '.join(self.KINDS)}")
@@ -175,19 +204,33 @@ class MaskBranch(nn.Module):
         return self.mask_features(self.output(x))
 
 
-def normalise_exit(exit, num_layers, batch_size, device):
-    """`exit` as None (all layers), an int, or a (B,) LongTensor of per-image exits in 1..num_layers."""
+def check_exit(encoder, exit, name="exit"):
+    """The one exit check, used by the encoders, the model and every script: `exit` must be None,
+    an int or per-image exits (a 1-D integer tensor, or a list of ints) in 1..encoder.num_exits.
+    Returns `exit` unchanged; otherwise raises ValueError naming `name`, the encoder and the range."""
     if exit is None:
         return None
-    if isinstance(exit, int):
-        if not 1 <= exit <= num_layers:
-            raise ValueError(f"exit must be in 1..{num_layers}, got {exit}")
-        return exit
-    exits = torch.as_tensor(exit, dtype=torch.long, device=device).expand(batch_size)
-    if not torch.compiler.is_compiling():  # a data-dependent check would break the graph
-        if exits.min() < 1 or exits.max() > num_layers:
-            raise ValueError(f"exit must be in 1..{num_layers}, got {exits.tolist()}")
-    return exits
+    what = f"encoder {encoder.name!r}"
+    if encoder.num_exits == 0:
+        raise ValueError(f"{name} {exit}: {what} has no exits (no early exits: its layers cannot stop early; "
+                         "ECO-M2F needs an encoder with num_exits > 0)")
+    if torch.is_tensor(exit):
+        if exit.dim() > 1 or exit.is_floating_point() or exit.dtype == torch.bool:
+            raise ValueError(f"{name}: per-image exits must be a 1-D integer tensor, got {exit.dtype} {tuple(exit.shape)}")
+        if torch.compiler.is_compiling():  # a data-dependent check would break the graph
+            return exit
+        values = exit.flatten().tolist()
+    elif isinstance(exit, (list, tuple)):
+        values = list(exit)
+    else:
+        values = [exit]
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in values):
+        raise ValueError(f"{name} {exit}: exits are whole layer numbers")
+    wrong = [k for k in values if not 1 <= k <= encoder.num_exits]
+    if wrong or not values:
+        raise ValueError(f"{name} must be in 1..{encoder.num_exits}, got {exit} ({what} has exits "
+                         f"1..{encoder.num_exits})")
+    return exit
 
 
 def run_layers(layers, src, exits, *args, **kwargs):
@@ -216,51 +259,57 @@ def run_layers(layers, src, exits, *args, **kwargs):
 
 class M2FEncoder(nn.Module):
     """Mask2Former's encoder: `layers` deformable layers over all tokens of 1/32, 1/16 and 1/8,
-    then the mask branch at 1/4. `exit=k` stops after layer k (ECO-M2F)."""
+    then the mask branch at 1/4. Every layer is an exit: `exit=k` stops after layer k (ECO-M2F)."""
 
-    def __init__(self, in_channels, dim=256, heads=8, points=4, ffn_dim=1024, layers=6, dropout=0.0,
+    name = "m2f"  # model.encoder.name
+
+    def __init__(self, in_channels, *, dim=256, heads=8, points=4, ffn_dim=1024, layers=6, dropout=0.0,
                  mask_branch="conv"):
         """in_channels: dict of backbone channels for res2..res5."""
         super().__init__()
-        self.input_proj = InputProjection([in_channels[name] for name in LEVELS], dim)
+        if layers < 1:
+            raise ValueError(f"the M2F encoder needs at least one layer, got layers={layers}")
+        self.dim = dim
+        self.input_proj = InputProjection([in_channels[name] for name in LEVELS], dim=dim)
         self.layers = nn.ModuleList(
-            DeformableEncoderLayer(dim, len(LEVELS), heads, points, ffn_dim, dropout) for _ in range(layers)
+            DeformableEncoderLayer(dim=dim, levels=len(LEVELS), heads=heads, points=points, ffn_dim=ffn_dim,
+                                   dropout=dropout)
+            for _ in range(layers)
         )
         for layer in self.layers:  # official: xavier on every matrix, then MSDeformAttn's own init
             for p in layer.parameters():
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
             layer.self_attn.reset_parameters()
-        self.mask_branch = MaskBranch(in_channels["res2"], dim, mask_branch)
+        self.mask_branch = MaskBranch(in_channels["res2"], dim=dim, kind=mask_branch)
 
     @property
     def num_exits(self):
         return len(self.layers)
 
+    @property
+    def mask_stride(self):
+        return self.mask_branch.stride
+
     def forward(self, features, exit=None):
         """features: res2..res5 maps (B, C_l, H_l, W_l); exit: None | int | LongTensor (B,).
         Returns mask_features (B, dim, H/4, W/4) and [1/32, 1/16, 1/8] maps (B, dim, h, w)."""
-        return self.encode(self.project(features), features, exit)
-
-    def project(self, features):
-        """The input projections: [1/32, 1/16, 1/8] maps (B, dim, h, w). ECO-M2F's gate looks at the
-        1/32 one before any encoder layer runs."""
-        return self.input_proj([features[name] for name in LEVELS])
-
-    def encode(self, maps, features, exit=None):
-        """The encoder layers (up to `exit`) on projected maps, then the mask branch."""
-        src, shapes, pos, ref = self.tokens(maps)
-        exits = normalise_exit(exit, len(self.layers), src.shape[0], src.device)
-        src = run_layers(self.layers, src, exits, pos, ref, shapes)
+        exit = check_exit(self, exit)
+        src, shapes, pos, ref = self.tokens(self.input_proj([features[name] for name in LEVELS]))
+        if torch.is_tensor(exit):
+            exit = exit.to(device=src.device, dtype=torch.long).expand(src.shape[0])  # (B,)
+        src = run_layers(self.layers, src, exit, pos, ref, shapes)
         return self.finish(src, shapes, features)
+
+    def gate_map(self, features):
+        """The projected 1/32 map before any layer, (B, dim, h, w): what ECO-M2F's gate looks at."""
+        return self.input_proj.proj[0](features[LEVELS[0]])
 
     def forward_exits(self, features, exits):
         """One pass through the layers, read out after each layer in `exits`: a dict exit ->
         (mask_features, multi_scale), as `forward(features, exit=k)` would give for each k."""
-        wanted = sorted(set(exits))
-        if wanted[0] < 1 or wanted[-1] > len(self.layers):
-            raise ValueError(f"exits must be in 1..{len(self.layers)}, got {wanted}")
-        src, shapes, pos, ref = self.tokens(self.project(features))
+        wanted = sorted(set(check_exit(self, list(exits), "exits")))
+        src, shapes, pos, ref = self.tokens(self.input_proj([features[name] for name in LEVELS]))
         results = {}
         for depth, layer in enumerate(self.layers[: wanted[-1]], start=1):
             src = layer(src, pos, ref, shapes)
@@ -290,7 +339,7 @@ class TokenRecalibration(nn.Module):
     reproduces that (for official checkpoints); the default is the correct transpose.
     """
 
-    def __init__(self, dim=256, epsilon=0.1, official_layout=False):
+    def __init__(self, *, dim=256, epsilon=0.1, official_layout=False):
         super().__init__()
         self.phi = nn.Linear(dim, 1)
         self.epsilon, self.official_layout = epsilon, official_layout
@@ -320,30 +369,41 @@ class ProScaleEncoder(nn.Module):
     the full token set, sliced per stage. With depths (0, 0, 6) and no TRC this is M2FEncoder.
     """
 
-    def __init__(self, in_channels, depths=(3, 3, 3), dim=256, heads=8, points=4, ffn_dim=1024, dropout=0.0,
+    name = "proscale"  # model.encoder.name
+    num_exits = 0  # its stages see different token sets: no early exits (yet)
+
+    def __init__(self, in_channels, *, depths=(3, 3, 3), dim=256, heads=8, points=4, ffn_dim=1024, dropout=0.0,
                  mask_branch="lpe_max", trc=True, trc_epsilon=0.1, trc_official_layout=False):
         super().__init__()
         if len(depths) != 3 or min(depths) < 0 or sum(depths) == 0:
             raise ValueError(f"PRO-SCALE depths must be three counts (p1, p2, p3), not all 0; got {depths}")
-        self.depths = tuple(depths)
-        self.input_proj = InputProjection([in_channels[name] for name in LEVELS], dim)
+        self.dim, self.depths = dim, tuple(depths)
+        self.input_proj = InputProjection([in_channels[name] for name in LEVELS], dim=dim)
         self.layers = nn.ModuleList(
-            DeformableEncoderLayer(dim, stage + 1, heads, points, ffn_dim, dropout)
+            DeformableEncoderLayer(dim=dim, levels=stage + 1, heads=heads, points=points, ffn_dim=ffn_dim,
+                                   dropout=dropout)
             for stage, depth in enumerate(self.depths) for _ in range(depth)
         )
-        self.trc = TokenRecalibration(dim, trc_epsilon, trc_official_layout) if trc else None
+        self.trc = TokenRecalibration(dim=dim, epsilon=trc_epsilon, official_layout=trc_official_layout) if trc else None
         for p in [*self.layers.parameters(), *(self.trc.parameters() if trc else [])]:
             if p.dim() > 1:  # official: xavier on every matrix, then MSDeformAttn's own init
                 nn.init.xavier_uniform_(p)
         for layer in self.layers:
             layer.self_attn.reset_parameters()
-        self.mask_branch = MaskBranch(in_channels["res2"], dim, mask_branch)
+        self.mask_branch = MaskBranch(in_channels["res2"], dim=dim, kind=mask_branch)
+
+    @property
+    def mask_stride(self):
+        return self.mask_branch.stride
+
+    def gate_map(self, features):
+        """The projected 1/32 map before any layer, (B, dim, h, w)."""
+        return self.input_proj.proj[0](features[LEVELS[0]])
 
     def forward(self, features, exit=None):
         """features: res2..res5 maps (B, C_l, H_l, W_l). Returns mask_features (B, dim, H/4, W/4)
         and [1/32, 1/16, 1/8] maps (B, dim, h, w)."""
-        if exit is not None:
-            raise ValueError("PRO-SCALE has no early exits: its stages see different token sets")
+        check_exit(self, exit)  # refuses any exit
         maps = self.input_proj([features[name] for name in LEVELS])
         tokens, shapes = flatten_maps(maps)  # (B, S, dim)
         pos = self.input_proj.position(shapes, tokens.device)  # (1, S, dim)
@@ -363,15 +423,17 @@ class ProScaleEncoder(nn.Module):
         return self.mask_branch(features["res2"], multi_scale[-1]), multi_scale
 
 
-def build_encoder(cfg, in_channels):
-    """The encoder named by `cfg.name` (an EncoderConfig) for backbone channels `in_channels`."""
-    builders = {
-        "m2f": lambda: M2FEncoder(in_channels, cfg.dim, cfg.heads, cfg.points, cfg.ffn_dim, cfg.layers,
-                                  cfg.dropout, cfg.mask_branch),
-        "proscale": lambda: ProScaleEncoder(in_channels, cfg.depths, cfg.dim, cfg.heads, cfg.points, cfg.ffn_dim,
-                                            cfg.dropout, cfg.mask_branch, cfg.trc, cfg.trc_epsilon,
-                                            cfg.trc_official_layout),
-    }
-    if cfg.name not in builders:
-        raise ValueError(f"unknown encoder {cfg.name!r}; valid: {', '.join(builders)}")
-    return builders[cfg.name]()
+def build_encoder(*, cfg, in_channels):
+    """The encoder named by `cfg.name` (an EncoderConfig) for backbone channels `in_channels`
+    (a dict res2..res5 -> channels)."""
+    common = dict(dim=cfg.dim, heads=cfg.heads, points=cfg.points, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
+                  mask_branch=cfg.mask_branch)
+    if cfg.name == "m2f":
+        return M2FEncoder(in_channels, layers=cfg.layers, **common)
+    if cfg.name == "proscale":
+        return ProScaleEncoder(in_channels, depths=cfg.depths, trc=cfg.trc, trc_epsilon=cfg.trc_epsilon,
+                               trc_official_layout=cfg.trc_official_layout, **common)
+    raise ValueError(f"unknown encoder {cfg.name!r}; valid: {', '.join(ENCODERS)}")
+
+
+ENCODERS = ("m2f", "proscale")  # the names build_encoder knows

@@ -1,17 +1,20 @@
-"""ECO-M2F Step C: the gate that picks each image's encoder exit.
+"""ECO-M2F's gate (Eq. 6) and Step C, its training on the derived set.
 
     python gate.py --config CFG --weights CKPT --derived derived.jsonl --beta B [--loss hard-ce] --out gate.pt
 
-The gate is a mean over the projected 1/32 tokens (after the input projection and GroupNorm,
-before any encoder layer, without position embedding) followed by Linear(dim, number of exits)
-(ECO-M2F Eq. 6). It learns from Step B's derived set: for image i with per-exit panoptic quality
-q_k, the utility of exit k is u(k) = q_k - β·k (Eq. 4) and the target is t = argmax_k u(k) (Eq. 5),
-ties going to the smallest k. Changing the compute budget means training the gate again for
-another β (seconds: the pooled gate inputs of the training set are cached); the parent model
-stays frozen. A smaller maximum exit retargets the gate to a smaller model.
+The gate is Linear(dim, number of exits) on z(s₁), the mean over the projected 1/32 tokens
+(Mask2Former.gate_features: after the input projection and GroupNorm, before any encoder layer,
+without position embedding). It learns from Step B's derived set: for image i with per-exit
+panoptic quality q_k, the utility of exit k is u(k) = q_k - β·k (Eq. 4) and the target is
+t = argmax_k u(k) (Eq. 5), ties going to the smallest k. Changing the compute budget means training
+the gate again for another β (seconds: the gate features of the training set are cached); the
+parent model stays frozen. A smaller maximum exit retargets the gate to a smaller model.
 
-At inference, `model(images, exit=gate)` lets the gate choose every image's exit; in a batch each
-encoder layer runs only on the images that still need it.
+At inference, `model.forward_gated(images, gate)` lets the gate choose every image's exit; in a
+batch each encoder layer runs only on the images that still need it.
+
+Like data.py, this file is a module (the gate, its files) with a command (Step C) at the end: the
+evaluation imports the gate from here, and this file imports nothing from the other scripts.
 """
 import argparse
 import json
@@ -25,29 +28,30 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import data
+from config import atomic_save, load_config, load_weights
+from encoders import check_exit
+from model import build_model
+
 LOSSES = ("hard-ce", "u-ce", "soft-ce", "soft-mse")
 
 
 class Gate(nn.Module):
-    """Linear(dim, len(exits)) on the mean of the projected 1/32 tokens (ECO-M2F Eq. 6)."""
+    """Linear(dim, number of exits) on z(s₁), the mean of the projected 1/32 tokens
+    (`Mask2Former.gate_features`). Trained by gate.py (ECO-M2F Step C)."""
 
-    def __init__(self, dim=256, exits=(2, 3, 4, 5, 6)):
+    def __init__(self, *, dim=256, exits=(2, 3, 4, 5, 6)):
         super().__init__()
         self.head = nn.Linear(dim, len(exits))
         self.register_buffer("exits", torch.tensor(sorted(exits), dtype=torch.long))
 
-    @staticmethod
-    def pool(coarse):
-        """(B, dim, h, w) projected 1/32 map -> (B, dim) mean over the tokens."""
-        return coarse.mean(dim=(2, 3))
+    def logits(self, z):
+        """(B, dim) gate features -> (B, E) exit logits."""
+        return self.head(z)
 
-    def logits(self, pooled):
-        """(B, dim) pooled features -> (B, E) exit logits."""
-        return self.head(pooled)
-
-    def forward(self, coarse):
-        """(B, dim, h, w) projected 1/32 map -> (B,) the chosen exit of every image."""
-        return self.exits[self.logits(self.pool(coarse)).argmax(-1)]
+    def forward(self, z):
+        """(B, dim) gate features -> (B,) the chosen exit of every image."""
+        return self.exits[self.logits(z).argmax(-1)]
 
 
 # ---- targets and losses (ECO-M2F Eqs. 4-5 and Table 5) --------------------------------------
@@ -93,20 +97,29 @@ def gate_loss(logits, q, exits, beta, kind="hard-ce"):
 
 def save_gate(gate, path, **info):
     """gate.pt: the gate's weights, its exits and how it was trained (β, loss, ...)."""
-    from train import atomic_save
-
     atomic_save({"gate": gate.state_dict(), "dim": gate.head.in_features, "exits": gate.exits.tolist(), **info}, path)
 
 
-def load_gate(path):
-    """A Gate from gate.pt, in eval mode; its training info is in gate.info."""
+def load_gate(path, model=None):
+    """A Gate from gate.pt, in eval mode, its training info in gate.info. With `model`, the gate
+    is checked against it: it must read the encoder's channels and choose exits the encoder has."""
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        gate = Gate(data["dim"], data["exits"])
+        gate = Gate(dim=data["dim"], exits=data["exits"])
         gate.load_state_dict(data["gate"])
-    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f"{path}: not a gate file written by gate.py ({e})") from None
-    gate.info = {k: v for k, v in data.items() if k not in ("gate",)}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: gate file not found") from None
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path}: not a gate file written by gate.py ({type(e).__name__}: {e})") from None
+    gate.info = {k: v for k, v in data.items() if k != "gate"}
+    if model is not None:
+        if gate.head.in_features != model.encoder.dim:
+            raise ValueError(f"{path}: the gate reads {gate.head.in_features} channels, but this model's encoder "
+                             f"has dim {model.encoder.dim} (was the gate trained for another model?)")
+        try:
+            check_exit(model.encoder, gate.exits.tolist(), "the gate's exits")
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     return gate.eval()
 
 
@@ -115,11 +128,11 @@ OFFICIAL_GATE = "sem_seg_head.pixel_decoder.transformer.encoder.gt.head."
 
 def official_gate(state, exits=(2, 3, 4, 5, 6)):
     """The gate inside an official ECO-M2F checkpoint (`...transformer.encoder.gt.head`, its
-    exits 2..6), e.g. from model.load_checkpoint_file(path)."""
+    exits 2..6), e.g. from load_checkpoint_file(path)."""
     head = {k[len(OFFICIAL_GATE):]: v for k, v in state.items() if k.startswith(OFFICIAL_GATE)}
     if not head:
         raise ValueError("no ECO-M2F gate (transformer.encoder.gt.head) in this checkpoint")
-    gate = Gate(head["weight"].shape[1], exits)
+    gate = Gate(dim=head["weight"].shape[1], exits=exits)
     gate.head.load_state_dict(head)
     return gate.eval()
 
@@ -128,8 +141,9 @@ def official_gate(state, exits=(2, 3, 4, 5, 6)):
 
 
 def read_derived(path):
-    """Step B's file -> (image ids, exits, q (N, K) float64 tensor)."""
-    ids, q, exits = [], [], None
+    """Step B's file -> (image ids, exits, q (N, K) float64 tensor). Refuses, naming the file and
+    line, anything Step C must not train on: a duplicated image, non-finite or out-of-range PQ."""
+    ids, q, exits, seen = [], [], None, {}
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as e:
@@ -139,13 +153,19 @@ def read_derived(path):
             continue
         try:
             row = json.loads(line)
-            ids.append(row["image_id"])
-            q.append([float(v) for v in row["pq"]])
+            values = [float(v) for v in row["pq"]]
             exits = row["exits"] if exits is None else exits
-            if row["exits"] != exits or len(row["pq"]) != len(exits):
-                raise ValueError(f"exits {row['exits']} with {len(row['pq'])} values, expected {exits}")
+            if row["exits"] != exits or len(values) != len(exits):
+                raise ValueError(f"exits {row['exits']} with {len(values)} values, expected {exits}")
+            if not all(0.0 <= v <= 1.0 for v in values):  # also false for NaN
+                raise ValueError(f"PQ values {values} are not all in [0, 1]")
+            if row["image_id"] in seen:
+                raise ValueError(f"image {row['image_id']} is already on line {seen[row['image_id']]}")
         except (ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}, line {n}: not a derived-set line ({e})") from None
+        seen[row["image_id"]] = n
+        ids.append(row["image_id"])
+        q.append(values)
     if not ids:
         raise ValueError(f"{path}: the derived set is empty")
     return ids, exits, torch.tensor(q, dtype=torch.float64)
@@ -153,25 +173,25 @@ def read_derived(path):
 
 @torch.no_grad()
 def gate_inputs(model, dataset, image_ids, device="cpu"):
-    """The pooled projected 1/32 tokens (N, dim) of the images `image_ids`, test-time resized."""
+    """The gate features z(s₁) (N, dim) of the images `image_ids`, test-time resized, one by one
+    (as the derived set was made)."""
     index = {im["id"]: i for i, im in enumerate(dataset.images)}
     missing = [i for i in image_ids if i not in index]
     if missing:
         raise ValueError(f"{dataset.json_file}: images {missing[:5]} of the derived set are not in this split")
     model.eval()
-    pooled = []
+    z = []
     for image_id in tqdm(image_ids, desc="gate inputs", dynamic_ncols=True):
         images, _ = model.preprocess([dataset[index[image_id]]["image"].to(device)])
-        features = {k: v.float() for k, v in model.backbone(images).items()}
-        pooled.append(Gate.pool(model.encoder.project(features)[0]).cpu())
-    return torch.cat(pooled)
+        z.append(model.gate_features(images).cpu())
+    return torch.cat(z)
 
 
 def train_gate(features, q, exits, beta, loss="hard-ce", epochs=2, lr=1e-3, batch_size=16, seed=0):
     """Adam on the gate's head with the parent model frozen (only cached features are seen).
     features (N, dim); q (N, E) at the gate's exits. Returns the trained Gate (eval mode)."""
     torch.manual_seed(seed)
-    gate = Gate(features.shape[1], exits)
+    gate = Gate(dim=features.shape[1], exits=exits)
     optimizer = torch.optim.Adam(gate.parameters(), lr=lr)
     features, q = features.float(), q.float()
     g = torch.Generator().manual_seed(seed)
@@ -184,12 +204,42 @@ def train_gate(features, q, exits, beta, loss="hard-ce", epochs=2, lr=1e-3, batc
     return gate.eval()
 
 
-def main(argv=None):
-    from config import load_config
-    from data import build_dataset
-    from evaluate import load_weights_checked
-    from model import build_model
+def cached_gate_inputs(cfg, args, image_ids):
+    """The gate features of the derived set's images, from the cache when it was made from the same
+    weights file (path and modification time) and the same images, else computed and cached."""
+    cache = Path(args.cache or f"{args.derived}.gate_inputs.pt")
+    weights = Path(args.weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: weights file not found")
+    key = {"weights": str(weights.resolve()), "mtime": weights.stat().st_mtime, "image_ids": image_ids}
+    if cache.exists():
+        try:
+            cached = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception as e:  # any unreadable cache is recomputed, never trusted
+            print(f"{cache}: unreadable cache ({type(e).__name__}), computing the gate inputs again")
+            cached = {}
+        if isinstance(cached, dict) and cached.get("key") == key:
+            return cached["features"]
+    model = build_model(cfg).to(args.device)
+    load_weights(model, args.weights)
+    features = gate_inputs(model, data.build_dataset(cfg.data, split=args.split, train=False), image_ids, args.device)
+    atomic_save({"key": key, "features": features}, cache)
+    return features
 
+
+def print_summary(gate, features, q, exits, beta, loss):
+    """Target and chosen exit histograms over the derived set, and the gate's accuracy."""
+    targets = exit_targets(q, exits, beta)
+    with torch.no_grad():
+        chosen = gate.logits(features.float()).argmax(-1)
+    print(f"β = {beta}, loss {loss}, exits {exits}, {len(q)} images")
+    for title, picks in (("target exits: ", targets), ("gate's choice:", chosen)):
+        histogram = Counter(exits[t] for t in picks.tolist())
+        print(f"{title} " + "  ".join(f"{k}: {histogram.get(k, 0)}" for k in exits))
+    print(f"accuracy on the derived set: {100 * (chosen == targets).double().mean():.1f}%")
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="YAML config of the parent model")
     parser.add_argument("--weights", required=True, help="the Step A checkpoint")
@@ -200,48 +250,33 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="where to write gate.pt")
     parser.add_argument("--cache", help="cache of the gate inputs (default <derived>.gate_inputs.pt)")
     parser.add_argument("--split", default="train", help="the split the derived set was made on")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    gc = cfg.gate
-    beta = gc.beta if args.beta is None else args.beta
-    loss = args.loss or gc.loss
-    exits = sorted(args.exits or gc.exits)
-
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    beta = cfg.gate.beta if args.beta is None else args.beta
+    loss = args.loss or cfg.gate.loss
+    args.exits = sorted(args.exits or cfg.gate.exits)
+    if loss not in LOSSES:
+        raise ValueError(f"{args.config}: gate.loss {loss!r} is not one of {', '.join(LOSSES)}")
     image_ids, derived_exits, q_all = read_derived(args.derived)
-    if not set(exits) <= set(derived_exits):
-        raise SystemExit(f"{args.derived}: the gate's exits {exits} are not all among the derived exits {derived_exits}")
-    q = q_all[:, [derived_exits.index(k) for k in exits]]
-
-    # The pooled inputs depend only on the parent model and the images: computed once, reused for
+    if not set(args.exits) <= set(derived_exits):
+        raise ValueError(f"{args.derived}: the gate's exits {args.exits} are not all among the derived exits "
+                         f"{derived_exits}")
+    q = q_all[:, [derived_exits.index(k) for k in args.exits]]
+    with torch.device("meta"):  # shapes only, in a moment: are these exits the model's?
+        check_exit(build_model(cfg).encoder, args.exits, "the gate's exits")
+    # The gate features depend only on the parent model and the images: computed once, reused for
     # every β, loss and exit set.
-    cache = Path(args.cache or f"{args.derived}.gate_inputs.pt")
-    key = {"weights": str(Path(args.weights).resolve()), "mtime": Path(args.weights).stat().st_mtime,
-           "image_ids": image_ids}
-    features = None
-    if cache.exists():
-        cached = torch.load(cache, map_location="cpu", weights_only=True)
-        if cached.get("key") == key:
-            features = cached["features"]
-    if features is None:
-        model = build_model(cfg).to(args.device)
-        load_weights_checked(model, args.weights, args.config)
-        features = gate_inputs(model, build_dataset(cfg.data, args.split, train=False), image_ids, args.device)
-        from train import atomic_save
-
-        atomic_save({"key": key, "features": features}, cache)
-
-    gate = train_gate(features, q, exits, beta, loss, gc.epochs, gc.lr, gc.batch_size, cfg.train.seed)
-    targets = exit_targets(q, exits, beta)
-    with torch.no_grad():
-        chosen = gate.logits(features.float()).argmax(-1)
-    histogram = Counter(exits[t] for t in targets.tolist())
-    print(f"β = {beta}, loss {loss}, exits {exits}, {len(image_ids)} images")
-    print("target exits:  " + "  ".join(f"{k}: {histogram.get(k, 0)}" for k in exits))
-    chosen_histogram = Counter(exits[t] for t in chosen.tolist())
-    print("gate's choice: " + "  ".join(f"{k}: {chosen_histogram.get(k, 0)}" for k in exits))
-    print(f"accuracy on the derived set: {100 * (chosen == targets).double().mean():.1f}%")
+    features = cached_gate_inputs(cfg, args, image_ids)
+    gc = cfg.gate
+    gate = train_gate(features, q, args.exits, beta, loss, gc.epochs, gc.lr, gc.batch_size, cfg.train.seed)
+    print_summary(gate, features, q, args.exits, beta, loss)
     save_gate(gate, args.out, beta=beta, loss=loss, derived=str(args.derived), weights=str(args.weights))
     print(f"gate written to {args.out}")
 

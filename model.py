@@ -8,8 +8,6 @@ q/k/v in-projection of the decoder's attention), so an official checkpoint needs
 mapping (`convert_official_state_dict`).
 """
 import math
-import pickle
-import re
 from contextlib import nullcontext
 
 import torch
@@ -18,7 +16,7 @@ import torchvision
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from encoders import build_encoder, sine_position_embedding
+from encoders import build_encoder, check_exit, sine_position_embedding
 
 
 # ---- backbones: images -> {"res2": 1/4, "res3": 1/8, "res4": 1/16, "res5": 1/32} -----------
@@ -144,7 +142,7 @@ class MultiheadAttention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's packed q/k/v parameters, computed with
     F.scaled_dot_product_attention. `allowed` (B, Lq, Lk) bool: True where a query may look."""
 
-    def __init__(self, dim, heads, dropout=0.0):
+    def __init__(self, *, dim, heads, dropout=0.0):
         super().__init__()
         self.heads, self.dropout = heads, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
@@ -170,9 +168,9 @@ class MultiheadAttention(nn.Module):
 class AttentionLayer(nn.Module):
     """Post-norm residual attention: x = norm(x + attn(x + query_pos, memory + pos, memory))."""
 
-    def __init__(self, dim, heads, dropout=0.0):
+    def __init__(self, *, dim, heads, dropout=0.0):
         super().__init__()
-        self.attn = MultiheadAttention(dim, heads, dropout)
+        self.attn = MultiheadAttention(dim=dim, heads=heads, dropout=dropout)
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
@@ -187,7 +185,7 @@ class AttentionLayer(nn.Module):
 class FFNLayer(nn.Module):
     """Post-norm residual ReLU feed-forward network."""
 
-    def __init__(self, dim, ffn_dim, dropout=0.0):
+    def __init__(self, *, dim, ffn_dim, dropout=0.0):
         super().__init__()
         self.linear1 = nn.Linear(dim, ffn_dim)
         self.linear2 = nn.Linear(ffn_dim, dim)
@@ -222,7 +220,7 @@ class MaskedAttentionDecoder(nn.Module):
     Every round (and the initial queries) predicts class logits and masks: deep supervision.
     """
 
-    def __init__(self, num_classes, in_dim=256, dim=256, queries=100, layers=9, heads=8, ffn_dim=2048,
+    def __init__(self, *, num_classes, in_dim=256, dim=256, queries=100, layers=9, heads=8, ffn_dim=2048,
                  mask_dim=256, dropout=0.0, levels=3):
         super().__init__()
         self.levels = levels
@@ -236,9 +234,9 @@ class MaskedAttentionDecoder(nn.Module):
         self.query_feat = nn.Embedding(queries, dim)  # the queries' content
         self.query_embed = nn.Embedding(queries, dim)  # the queries' positional part
         self.level_embed = nn.Embedding(levels, dim)
-        self.cross_attn = nn.ModuleList(AttentionLayer(dim, heads, dropout) for _ in range(layers))
-        self.self_attn = nn.ModuleList(AttentionLayer(dim, heads, dropout) for _ in range(layers))
-        self.ffn = nn.ModuleList(FFNLayer(dim, ffn_dim, dropout) for _ in range(layers))
+        self.cross_attn = nn.ModuleList(AttentionLayer(dim=dim, heads=heads, dropout=dropout) for _ in range(layers))
+        self.self_attn = nn.ModuleList(AttentionLayer(dim=dim, heads=heads, dropout=dropout) for _ in range(layers))
+        self.ffn = nn.ModuleList(FFNLayer(dim=dim, ffn_dim=ffn_dim, dropout=dropout) for _ in range(layers))
         for layer in [*self.cross_attn, *self.self_attn, *self.ffn]:  # official: xavier on every matrix
             for p in layer.parameters():
                 if p.dim() > 1:
@@ -369,7 +367,7 @@ class HungarianMatcher(nn.Module):
     consumes the RNG exactly like calling the matcher image by image in the same order.
     """
 
-    def __init__(self, cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=12544):
+    def __init__(self, *, cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=12544):
         super().__init__()
         if cost_class == cost_mask == cost_dice == 0:
             raise ValueError("all matching costs are 0")
@@ -385,9 +383,8 @@ class HungarianMatcher(nn.Module):
                  image size ((H, W) may differ from (h, w): points are normalised)
         returns: B pairs (pred_idx, tgt_idx) of int64 CPU tensors of length min(Q, n)
         """
-        B, Q = outputs["pred_logits"].shape[:2]
         indices = []
-        for b in range(B):
+        for b in range(outputs["pred_logits"].shape[0]):
             out_mask = outputs["pred_masks"][b]  # (Q, h, w)
             tgt_labels, tgt_mask = targets[b]["labels"], targets[b]["masks"]  # (n,), (n, H, W)
             n = tgt_labels.shape[0]
@@ -398,21 +395,27 @@ class HungarianMatcher(nn.Module):
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            # fp32 even under mixed precision: sums over ~12k points, small differences matter.
-            with torch.autocast(device_type=out_mask.device.type, enabled=False):
-                prob = outputs["pred_logits"][b].float().softmax(-1)  # (Q, K+1)
-                cost_class = -prob[:, tgt_labels.to(prob.device)]  # (Q, n); the 1 of 1-p changes nothing
-                out_points = point_sample(out_mask[:, None].float(), points.repeat(Q, 1, 1))[:, 0]  # (Q, P)
-                tgt = tgt_mask[:, None].to(device=out_mask.device, dtype=torch.float32)
-                tgt_points = point_sample(tgt, points.repeat(n, 1, 1))[:, 0]  # (n, P)
-                cost = (self.cost_mask * pairwise_sigmoid_ce(out_points, tgt_points)
-                        + self.cost_class * cost_class
-                        + self.cost_dice * pairwise_dice(out_points, tgt_points))  # (Q, n)
+            cost = self.cost_matrix(outputs["pred_logits"][b], out_mask, tgt_labels, tgt_mask, points)  # (Q, n)
             if not torch.isfinite(cost).all():
                 raise FloatingPointError("non-finite matching cost: the predictions hold NaN or inf")
             pred_idx, tgt_idx = linear_sum_assignment(cost.cpu().numpy())
             indices.append((torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64)))
         return indices
+
+    def cost_matrix(self, logits, masks, tgt_labels, tgt_masks, points):
+        """C (Q, n) of one image: logits (Q, K+1), mask logits (Q, h, w), target labels (n,) and
+        masks (n, H, W), compared at the normalised points (1, P, 2)."""
+        Q, n = logits.shape[0], tgt_labels.shape[0]
+        # fp32 even under mixed precision: sums over ~12k points, small differences matter.
+        with torch.autocast(device_type=masks.device.type, enabled=False):
+            prob = logits.float().softmax(-1)  # (Q, K+1)
+            cost_class = -prob[:, tgt_labels.to(prob.device)]  # (Q, n); the 1 of 1-p changes nothing
+            out_points = point_sample(masks[:, None].float(), points.repeat(Q, 1, 1))[:, 0]  # (Q, P)
+            tgt = tgt_masks[:, None].to(device=masks.device, dtype=torch.float32)
+            tgt_points = point_sample(tgt, points.repeat(n, 1, 1))[:, 0]  # (n, P)
+            return (self.cost_mask * pairwise_sigmoid_ce(out_points, tgt_points)
+                    + self.cost_class * cost_class
+                    + self.cost_dice * pairwise_dice(out_points, tgt_points))  # (Q, n)
 
 
 # ---- the set criterion ---------------------------------------------------------------------
@@ -446,7 +449,7 @@ class SetCriterion(nn.Module):
     `weight_dict` after the criterion; the numbers are the same).
     """
 
-    def __init__(self, num_classes, matcher, class_weight=2.0, mask_weight=5.0, dice_weight=5.0,
+    def __init__(self, *, num_classes, matcher, class_weight=2.0, mask_weight=5.0, dice_weight=5.0,
                  no_object_weight=0.1, num_points=12544, oversample_ratio=3.0, importance_sample_ratio=0.75):
         super().__init__()
         self.num_classes, self.matcher = num_classes, matcher
@@ -651,15 +654,18 @@ class Mask2Former(nn.Module):
         self.cfg = cfg
         self.size_divisibility = cfg.size_divisibility
         self.backbone = build_backbone(cfg.backbone)
-        self.encoder = build_encoder(cfg.encoder, self.backbone.channels)
-        d = cfg.decoder
-        self.decoder = MaskedAttentionDecoder(cfg.num_classes, cfg.encoder.dim, d.dim, d.queries, d.layers, d.heads,
-                                              d.ffn_dim, cfg.encoder.dim, d.dropout)
-        loss = cfg.loss
-        matcher = HungarianMatcher(loss.class_weight, loss.mask_weight, loss.dice_weight, loss.num_points)
-        self.criterion = SetCriterion(cfg.num_classes, matcher, loss.class_weight, loss.mask_weight, loss.dice_weight,
-                                      loss.no_object_weight, loss.num_points, loss.oversample_ratio,
-                                      loss.importance_sample_ratio)
+        self.encoder = build_encoder(cfg=cfg.encoder, in_channels=self.backbone.channels)
+        d, loss = cfg.decoder, cfg.loss
+        self.decoder = MaskedAttentionDecoder(
+            num_classes=cfg.num_classes, in_dim=self.encoder.dim, dim=d.dim, queries=d.queries, layers=d.layers,
+            heads=d.heads, ffn_dim=d.ffn_dim, mask_dim=self.encoder.dim, dropout=d.dropout)
+        matcher = HungarianMatcher(cost_class=loss.class_weight, cost_mask=loss.mask_weight,
+                                   cost_dice=loss.dice_weight, num_points=loss.num_points)
+        self.criterion = SetCriterion(
+            num_classes=cfg.num_classes, matcher=matcher, class_weight=loss.class_weight,
+            mask_weight=loss.mask_weight, dice_weight=loss.dice_weight, no_object_weight=loss.no_object_weight,
+            num_points=loss.num_points, oversample_ratio=loss.oversample_ratio,
+            importance_sample_ratio=loss.importance_sample_ratio)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(3, 1, 1), persistent=False)
 
@@ -677,36 +683,52 @@ class Mask2Former(nn.Module):
 
     def forward(self, images, targets=None, exit=None):
         """images (B, 3, H, W) from `preprocess`; targets: None, or per image {"labels": (n,) long,
-        "masks": (n, H, W)} at the padded size; exit: the encoder exit, None (all layers) | int |
-        LongTensor (B,) | an ECO-M2F gate (gate.Gate), which picks each image's exit from the
-        projected 1/32 map | a list of exits (see `forward_exits`).
+        "masks": (n, H, W)} at the padded size; exit: the encoder exit, None (all layers), an int, or
+        a LongTensor (B,) of per-image exits (see `forward_gated` for ECO-M2F's gate).
 
         Returns the weighted losses (a dict of scalars) when targets are given, else the decoder's
-        predictions {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/4, W/4), "aux_outputs"},
-        plus "exits" (B,) when a gate chose them.
+        predictions {"pred_logits": (B, Q, K+1), "pred_masks": (B, Q, H/s, W/s), "aux_outputs"}.
         """
-        if isinstance(exit, (list, tuple)):  # through forward, so that DDP sees every exit's graph
-            return self.forward_exits(images, exit, targets)
-        features = self.backbone(images)
-        with self.fp32(images):
-            features = {k: v.float() for k, v in features.items()}
-            if isinstance(exit, nn.Module):  # a gate
-                maps = self.encoder.project(features)
-                exit = exit(maps[0])  # (B,) exits
-                mask_features, multi_scale = self.encoder.encode(maps, features, exit)
-            else:
-                mask_features, multi_scale = self.encoder(features, exit=exit)
-        outputs = self.decoder(multi_scale, mask_features)
-        if torch.is_tensor(exit) and exit.dim() == 1:
+        outputs = self.predict(self.backbone_features(images), exit, targets)
+        if targets is None and torch.is_tensor(exit) and exit.dim() == 1:
             outputs["exits"] = exit
+        return outputs
+
+    def backbone_features(self, images):
+        """images (B, 3, H, W) -> res2..res5 maps in float32 (the backbone itself may run under autocast)."""
+        features = self.backbone(images)
+        return {k: v.float() for k, v in features.items()}
+
+    def predict(self, features, exit=None, targets=None):
+        """Encoder (up to `exit`) and decoder on backbone features; losses when targets are given."""
+        with self.fp32(features["res5"]):
+            mask_features, multi_scale = self.encoder(features, exit=exit)
+        outputs = self.decoder(multi_scale, mask_features)
         return outputs if targets is None else self.loss(outputs, targets)
+
+    def gate_features(self, images, features=None):
+        """z(s₁) of ECO-M2F Eq. 6: the mean over tokens of the projected 1/32 map (after the input
+        projection and GroupNorm, before any encoder layer, without position embedding), (B, dim).
+        The one place that computes it: gated inference and Step C's training both call it.
+        features: backbone_features(images), when the caller has them already."""
+        features = self.backbone_features(images) if features is None else features
+        with self.fp32(features["res5"]):
+            return self.encoder.gate_map(features).mean(dim=(2, 3))  # (B, dim, h, w) -> (B, dim)
+
+    def forward_gated(self, images, gate):
+        """ECO-M2F inference: `gate` picks each image's exit from gate_features, then the encoder
+        runs each image up to its exit (in a batch, layer l only on the images that still need it).
+        Returns forward's predictions plus "exits" (B,)."""
+        features = self.backbone_features(images)
+        exits = check_exit(self.encoder, gate(self.gate_features(images, features)), "the gate's exits")
+        return {**self.predict(features, exits), "exits": exits}
 
     def forward_exits(self, images, exits, targets=None):
         """One backbone and encoder pass, the decoder at every exit in `exits`: a dict exit ->
         predictions (or weighted losses when targets are given), each as forward(exit=k) gives."""
-        features = self.backbone(images)
+        features = self.backbone_features(images)
         with self.fp32(images):
-            encoded = self.encoder.forward_exits({k: v.float() for k, v in features.items()}, exits)
+            encoded = self.encoder.forward_exits(features, exits)
         results = {}
         for k, (mask_features, multi_scale) in encoded.items():
             outputs = self.decoder(multi_scale, mask_features)
@@ -719,10 +741,10 @@ class Mask2Former(nn.Module):
         return self.criterion(outputs, targets)
 
     @staticmethod
-    def fp32(images):
+    def fp32(tensor):
         """The official encoder runs in fp32 even under mixed precision. (The meta device, used to
         count FLOPs on shapes alone, has no autocast.)"""
-        return torch.autocast(images.device.type, enabled=False) if images.device.type != "meta" else nullcontext()
+        return torch.autocast(tensor.device.type, enabled=False) if tensor.device.type != "meta" else nullcontext()
 
     @torch.no_grad()
     def inference(self, outputs, image_sizes, output_sizes=None):
@@ -736,7 +758,7 @@ class Mask2Former(nn.Module):
         cfg = self.cfg.inference
         output_sizes = output_sizes or image_sizes
         masks = outputs["pred_masks"]  # (B, Q, H/s, W/s) of the padded batch
-        stride = self.encoder.mask_branch.stride
+        stride = self.encoder.mask_stride
         padded = (masks.shape[-2] * stride, masks.shape[-1] * stride)
         is_thing = torch.zeros(self.cfg.num_classes, dtype=torch.bool, device=masks.device)
         is_thing[list(self.cfg.thing_classes)] = True
@@ -763,112 +785,3 @@ class Mask2Former(nn.Module):
 def build_model(cfg):
     """Mask2Former for a Config (or its ModelConfig)."""
     return Mask2Former(getattr(cfg, "model", cfg))
-
-
-# ---- checkpoints ---------------------------------------------------------------------------
-
-
-# Official (detectron2) parameter names -> ours, applied in order; `\1`... keep indices.
-OFFICIAL_NAMES = [
-    # ResNet (detectron2 -> torchvision layout)
-    (r"^backbone\.stem\.conv1\.norm\.", "backbone.bn1."),
-    (r"^backbone\.stem\.conv1\.", "backbone.conv1."),
-    (r"^backbone\.res(\d)\.", lambda m: f"backbone.layer{int(m[1]) - 1}."),
-    (r"(backbone\.layer\d\.\d+)\.shortcut\.norm\.", r"\1.downsample.1."),
-    (r"(backbone\.layer\d\.\d+)\.shortcut\.", r"\1.downsample.0."),
-    (r"(backbone\.layer\d\.\d+)\.conv(\d)\.norm\.", r"\1.bn\2."),
-    # Swin (Microsoft layout -> torchvision layout)
-    (r"^backbone\.patch_embed\.proj\.", "backbone.features.0.0."),
-    (r"^backbone\.patch_embed\.norm\.", "backbone.features.0.2."),
-    (r"^backbone\.layers\.(\d)\.blocks\.", lambda m: f"backbone.features.{2 * int(m[1]) + 1}."),
-    (r"^backbone\.layers\.(\d)\.downsample\.", lambda m: f"backbone.features.{2 * int(m[1]) + 2}."),
-    (r"\.mlp\.fc1\.", ".mlp.0."),
-    (r"\.mlp\.fc2\.", ".mlp.3."),
-    (r"^backbone\.norm(\d)\.", r"backbone.norms.\1."),
-    # pixel decoder -> encoder
-    (r"^sem_seg_head\.pixel_decoder\.input_proj\.", "encoder.input_proj.proj."),
-    (r"^sem_seg_head\.pixel_decoder\.transformer\.level_embed$", "encoder.input_proj.level_embed"),
-    (r"^sem_seg_head\.pixel_decoder\.transformer\.encoder\.layers\.", "encoder.layers."),
-    (r"^sem_seg_head\.pixel_decoder\.transformer\.encoder\.token_excite\.ops\.", "encoder.trc.phi."),  # PRO-SCALE
-    (r"^sem_seg_head\.pixel_decoder\.mask_features\.", "encoder.mask_branch.mask_features."),
-    (r"^sem_seg_head\.pixel_decoder\.adapter_1\.norm\.", "encoder.mask_branch.lateral.1."),
-    (r"^sem_seg_head\.pixel_decoder\.adapter_1\.", "encoder.mask_branch.lateral.0."),
-    (r"^sem_seg_head\.pixel_decoder\.layer_1\.norm\.", "encoder.mask_branch.output.1."),
-    (r"^sem_seg_head\.pixel_decoder\.layer_1\.", "encoder.mask_branch.output.0."),
-    # transformer decoder
-    (r"^sem_seg_head\.predictor\.transformer_self_attention_layers\.(\d+)\.self_attn\.", r"decoder.self_attn.\1.attn."),
-    (r"^sem_seg_head\.predictor\.transformer_self_attention_layers\.", "decoder.self_attn."),
-    (r"^sem_seg_head\.predictor\.transformer_cross_attention_layers\.(\d+)\.multihead_attn\.", r"decoder.cross_attn.\1.attn."),
-    (r"^sem_seg_head\.predictor\.transformer_cross_attention_layers\.", "decoder.cross_attn."),
-    (r"^sem_seg_head\.predictor\.transformer_ffn_layers\.", "decoder.ffn."),
-    (r"^sem_seg_head\.predictor\.", "decoder."),
-]
-
-
-def official_to_ours(name):
-    """Our parameter name for an official detectron2 Mask2Former name."""
-    for pattern, repl in OFFICIAL_NAMES:
-        name = re.sub(pattern, repl, name)
-    return name
-
-
-def convert_official_state_dict(state, model):
-    """Rename an official state dict to ours; buffers we compute ourselves are dropped.
-
-    Returns (state dict for `model.load_state_dict`, list of official keys that were not used).
-    """
-    ours = model.state_dict()
-    converted, unused = {}, []
-    for name, value in state.items():
-        new = official_to_ours(name)
-        value = torch.as_tensor(value)
-        if new in ours and ours[new].shape == value.shape:
-            converted[new] = value
-        else:
-            unused.append(name)
-    return converted, unused
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles detectron2 model-zoo .pkl files: numpy arrays and plain containers, nothing else."""
-
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("collections", "OrderedDict"),
-    }
-
-    def find_class(self, module, name):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}")
-        return super().find_class(module, name)
-
-
-def load_checkpoint_file(path):
-    """The state dict of a checkpoint: ours (.pt/.pth, weights only) or an official .pkl."""
-    path = str(path)
-    if path.endswith(".pkl"):
-        with open(path, "rb") as f:
-            data = _RestrictedUnpickler(f, encoding="latin1").load()
-    else:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
-        data = data["model"]
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: no state dict inside")
-    return {k: torch.as_tensor(v) for k, v in data.items()}
-
-
-def load_weights(model, path, strict=False):
-    """Load our checkpoint (train.py's, or a bare state dict) or an official detectron2 one into
-    `model`. Returns (missing, unexpected) key lists; strict=True raises if either is non-empty."""
-    state = load_checkpoint_file(path)
-    if any(k.startswith("sem_seg_head.") for k in state):  # official naming
-        state, unexpected = convert_official_state_dict(state, model)
-    else:
-        unexpected = []
-    result = model.load_state_dict(state, strict=False)
-    missing, unexpected = list(result.missing_keys), unexpected + list(result.unexpected_keys)
-    if strict and (missing or unexpected):
-        raise ValueError(f"{path}: missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-    return missing, unexpected

@@ -4,6 +4,7 @@
     torchrun --nproc_per_node 8 train.py --config configs/coco/m2f_r50.yaml --out runs/r50
     python train.py --config ... --out runs/r50 --resume        # continue exactly where it stopped
     python train.py --config ... --out runs/eco --init m2f.pt   # start from weights only
+    python train.py --config ... --out runs/r50 --overwrite     # replace the run already there
 
 The recipe is the official one (config.TrainConfig): AdamW with the backbone at 0.1x lr and no
 weight decay on norms, embeddings and Swin's relative position tables; the whole-model gradient
@@ -14,10 +15,8 @@ atomically) and model_final.pt (weights and config).
 """
 import argparse
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,31 +26,15 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from config import config_from_dict, config_to_dict, load_config, save_config
-from model import AMP_DTYPES, autocast, build_model, load_weights
+from config import atomic_save, config_from_dict, config_to_dict, load_config, load_weights, save_config
+from data import distributed, setup_distributed
+from encoders import check_exit
+from metrics import evaluate_dataset
+from model import AMP_DTYPES, autocast, build_model
 
 NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm,
          torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm)
-
-
-# ---- processes -----------------------------------------------------------------------------
-
-
-def setup_distributed():
-    """(rank, world_size, device) for a plain run or a torchrun launch (nccl on GPU, gloo on CPU)."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-
-
-def distributed():
-    return dist.is_available() and dist.is_initialized()
+RUN_FILES = ("checkpoint.pt", "model_final.pt", "metrics.jsonl", "config.yaml")  # what makes a folder a run
 
 
 # ---- optimisation ----------------------------------------------------------------------------
@@ -90,10 +73,23 @@ def sample_exit(exits, seed, step):
     return exits[torch.randint(len(exits), (1,), generator=g).item()]
 
 
+class EveryExit(torch.nn.Module):
+    """Step A's "all" mode as a module whose forward returns the losses at every exit, so that
+    DistributedDataParallel, which only sees forward, synchronises their gradients."""
+
+    def __init__(self, model, exits):
+        super().__init__()
+        self.model, self.exits = model, list(exits)
+
+    def forward(self, images, targets):
+        """images (B, 3, H, W), targets -> {exit: weighted losses} (Mask2Former.forward_exits)."""
+        return self.model.forward_exits(images, self.exits, targets)
+
+
 def training_losses(model, images, targets, cfg, step):
     """The weighted losses of one iteration: plain Mask2Former, or ECO-M2F's weighted stochastic
     depth when cfg.exits is set: α_k·L_k for a sampled exit k ("sample"), or Σ_k α_k·L_k ("all",
-    ECO-M2F Eq. 3). Returns (losses, the sampled exit or None)."""
+    ECO-M2F Eq. 3; then `model` is an EveryExit). Returns (losses, the sampled exit or None)."""
     if not cfg.exits:
         return model(images, targets), None
     alpha = dict(zip(cfg.exits, cfg.exit_alpha or [float(k) for k in cfg.exits]))
@@ -101,7 +97,7 @@ def training_losses(model, images, targets, cfg, step):
         k = sample_exit(cfg.exits, cfg.seed, step)
         return {name: alpha[k] * value for name, value in model(images, targets, exit=k).items()}, k
     if cfg.exit_mode == "all":
-        per_exit = model(images, targets, exit=list(cfg.exits))
+        per_exit = model(images, targets)
         return {name: sum(alpha[k] * per_exit[k][name] for k in cfg.exits) for name in per_exit[cfg.exits[0]]}, None
     raise ValueError(f"unknown train.exit_mode {cfg.exit_mode!r}; valid: sample, all")
 
@@ -119,22 +115,6 @@ def make_targets(batch, padded_size, device):
 
 
 # ---- checkpoints -----------------------------------------------------------------------------
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same folder, then rename: a killed write leaves the
-    previous checkpoint intact."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def rng_state():
@@ -200,48 +180,127 @@ class MetricsLog:
 # ---- the loop ----------------------------------------------------------------------------------
 
 
-def train(cfg, out_dir, resume=False, init=None):
-    rank, world_size, device = setup_distributed()
-    out_dir = Path(out_dir)
+def check_run_folder(out_dir, resume, overwrite):
+    """Before anything is written: a folder that already holds a run is continued (--resume) or
+    replaced (--overwrite), never overwritten silently."""
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if existing and not (resume or overwrite):
+        raise FileExistsError(f"{out_dir}: already holds a run ({', '.join(existing)}); pass --resume to continue "
+                              "it, --overwrite to replace it, or choose another --out")
+
+
+def load_resume_checkpoint(path, cfg, world_size):
+    """checkpoint.pt of the run to continue, checked against this run's model config and processes."""
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        saved = config_from_dict(checkpoint["config"], where=str(path))
+    except (OSError, RuntimeError, EOFError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if saved.model != cfg.model:
+        raise ValueError(f"--resume: the model config differs from the one in {path}")
+    if checkpoint["world_size"] != world_size:
+        raise ValueError(f"--resume: {path} was written by {checkpoint['world_size']} processes, "
+                         f"this run has {world_size}; exact resumption needs the same number")
+    return checkpoint
+
+
+def setup_model(cfg, device, init, rank):
+    """The model, the same on every rank (seeded), optionally from `init` weights, its exits checked."""
     tc = cfg.train
-    if tc.batch_size % world_size:
-        raise ValueError(f"train.batch_size {tc.batch_size} is not divisible by {world_size} processes")
-    per_rank = tc.batch_size // world_size
-    if tc.exits and (min(tc.exits) < 1 or max(tc.exits) > cfg.model.encoder.layers or cfg.model.encoder.name != "m2f"):
-        raise ValueError(f"train.exits {tc.exits}: exits need the m2f encoder and must lie in 1..{cfg.model.encoder.layers}")
-    if tc.exit_alpha and len(tc.exit_alpha) != len(tc.exits):
-        raise ValueError(f"train.exit_alpha has {len(tc.exit_alpha)} values for {len(tc.exits)} exits")
-
-    checkpoint_path = out_dir / "checkpoint.pt"
-    checkpoint = None
-    if resume:
-        if not checkpoint_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {checkpoint_path}")
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if config_from_dict(checkpoint["config"]).model != cfg.model:
-            raise ValueError(f"--resume: the model config differs from the one in {checkpoint_path}")
-        if checkpoint["world_size"] != world_size:
-            raise ValueError(f"--resume: {checkpoint_path} was written by {checkpoint['world_size']} processes, "
-                             f"this run has {world_size}; exact resumption needs the same number")
-
-    # Same seed on every rank: identical initial weights (DDP also broadcasts rank 0's).
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     random.seed(tc.seed)
     model = build_model(cfg).to(device)
+    check_exit(model.encoder, tc.exits or None, "train.exits")
+    if tc.exit_alpha and len(tc.exit_alpha) != len(tc.exits):
+        raise ValueError(f"train.exit_alpha has {len(tc.exit_alpha)} values for {len(tc.exits)} exits")
     if init:
-        missing, unexpected = load_weights(model, init)
+        missing, unexpected = load_weights(model, init, strict=False)
         if rank == 0:
             print(f"--init {init}: {len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}")
+    return model
 
-    dataset = data.build_dataset(cfg.data, "train", train=True)
-    if (dataset.num_classes, sorted(dataset.thing_classes)) != (cfg.model.num_classes, sorted(cfg.model.thing_classes)):
-        raise ValueError(f"{cfg.data.train.json}: {dataset.num_classes} classes with things {dataset.thing_classes}, "
-                         f"but model.num_classes={cfg.model.num_classes}, thing_classes={cfg.model.thing_classes}")
+
+def wrap_for_training(model, tc, world_size, device):
+    """What the loop calls: the model, as EveryExit for Step A's "all" mode, in DDP on several
+    processes, compiled if asked."""
+    train_model = EveryExit(model, tc.exits) if tc.exits and tc.exit_mode == "all" else model
+    if world_size > 1:
+        # With sampled exits the layers past the exit take no part in an iteration.
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(tc.exits) and tc.exit_mode == "sample")
+    return torch.compile(train_model) if tc.compile else train_model
+
+
+def train_step(train_model, model, optimizer, scaler, batch, tc, step, device, checkpoint_path):
+    """One iteration: forward under autocast, the losses, backward, clipping, the optimizer step.
+    Returns (the total loss, the weighted losses, the sampled exit or None)."""
+    images, _ = model.preprocess([s["image"].to(device) for s in batch])
+    targets = make_targets(batch, images.shape[-2:], device)
+    try:
+        with autocast(device.type, tc.amp):
+            losses, exit = training_losses(train_model, images, targets, tc, step)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()}")
+    except FloatingPointError as e:  # from here or from the matcher
+        raise FloatingPointError(f"{e} at iteration {step}; stopping. The last good checkpoint is "
+                                 f"{checkpoint_path if checkpoint_path.exists() else 'none yet'}") from None
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if tc.clip_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, losses, exit
+
+
+def log_step(log, writer, done, loss, losses, exit, lr, seconds):
+    """One line of metrics.jsonl (and TensorBoard scalars); returns the record."""
+    record = {"step": done, "loss": loss.item(), "lr": lr, "sec_per_iter": seconds,
+              **{k: losses[k].item() for k in ("loss_ce", "loss_mask", "loss_dice")},
+              **({"exit": exit} if exit is not None else {})}
+    log.write(record)
+    if writer:
+        for k, v in record.items():
+            writer.add_scalar(k, v, done)
+    return record
+
+
+def open_logs(cfg, out_dir, start, resumed):
+    """Rank 0's config.yaml, metrics.jsonl (cut back to `start` on resume), TensorBoard writer, bar."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    log = MetricsLog(out_dir / "metrics.jsonl", start if resumed else None)
+    writer = None
+    if cfg.train.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
+
+        writer = SummaryWriter(out_dir / "tensorboard")
+    return log, writer, tqdm(total=cfg.train.iterations, initial=start, desc="train", dynamic_ncols=True)
+
+
+def train(cfg, out_dir, resume=False, init=None, overwrite=False):
+    """Train `cfg` into `out_dir` (see the module docstring); returns the trained model."""
+    rank, world_size, device = setup_distributed()
+    out_dir, tc = Path(out_dir), cfg.train
+    if tc.batch_size % world_size:
+        raise ValueError(f"train.batch_size {tc.batch_size} is not divisible by {world_size} processes")
+    per_rank = tc.batch_size // world_size
+    check_run_folder(out_dir, resume, overwrite)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    checkpoint = load_resume_checkpoint(checkpoint_path, cfg, world_size) if resume else None
+    model = setup_model(cfg, device, init, rank)
+    dataset = data.build_dataset(cfg.data, split="train", train=True)
+    data.check_classes(dataset, cfg.model, cfg.data.train.json)
     start = checkpoint["step"] if checkpoint else 0
-    loader = data.build_train_loader(cfg.data, dataset, per_rank, tc.seed, rank, world_size, start * per_rank)
+    loader = data.build_train_loader(cfg.data, dataset, batch_size_per_rank=per_rank, seed=tc.seed, rank=rank,
+                                     world_size=world_size, start=start * per_rank)
     batches = iter(loader)  # created before the RNG restore: making it draws from the global RNG
-
     optimizer = build_optimizer(model, tc)
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     if tc.amp not in AMP_DTYPES:
@@ -252,89 +311,45 @@ def train(cfg, out_dir, resume=False, init=None):
         optimizer.load_state_dict(checkpoint["optimizer"])
         scaler.load_state_dict(checkpoint["scaler"])
         set_rng_state(checkpoint["rng"][rank])
-
-    train_model = model
-    if world_size > 1:
-        # With sampled exits the layers past the exit take no part in an iteration.
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(tc.exits) and tc.exit_mode == "sample")
-    if tc.compile:
-        train_model = torch.compile(train_model)
-
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out_dir / "config.yaml")
-        log = MetricsLog(out_dir / "metrics.jsonl", start if checkpoint else None)
-        writer = None
-        if tc.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter  # optional: needs the tensorboard package
-
-            writer = SummaryWriter(out_dir / "tensorboard")
-        bar = tqdm(total=tc.iterations, initial=start, desc="train", dynamic_ncols=True)
+        if rank == 0:
+            print(f"resuming {out_dir} from iteration {start} of {tc.iterations}")
+    train_model = wrap_for_training(model, tc, world_size, device)
+    log, writer, bar = open_logs(cfg, out_dir, start, checkpoint is not None) if rank == 0 else (None, None, None)
 
     model.train()
     tick = time.perf_counter()
     for step in range(start, tc.iterations):
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base * lr_factor(step, tc)
-        batch = next(batches)
-        images, _ = model.preprocess([s["image"].to(device) for s in batch])
-        targets = make_targets(batch, images.shape[-2:], device)
-        try:
-            with autocast(device.type, tc.amp):
-                losses, exit = training_losses(train_model, images, targets, tc, step)
-            loss = sum(losses.values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()}")
-        except FloatingPointError as e:  # from here or from the matcher
-            raise FloatingPointError(f"{e} at iteration {step}; stopping. The last good checkpoint is "
-                                     f"{checkpoint_path if checkpoint_path.exists() else 'none yet'}") from None
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if tc.clip_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
+        loss, losses, exit = train_step(train_model, model, optimizer, scaler, next(batches), tc, step, device,
+                                        checkpoint_path)
         done = step + 1
-
         if rank == 0:
             bar.update(1)
             if done % tc.log_every == 0 or done == tc.iterations:
-                seconds = (time.perf_counter() - tick) / tc.log_every
-                tick = time.perf_counter()
-                record = {"step": done, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
-                          "sec_per_iter": seconds,
-                          **{k: losses[k].item() for k in ("loss_ce", "loss_mask", "loss_dice")},
-                          **({"exit": exit} if exit is not None else {})}
-                log.write(record)
+                seconds, tick = (time.perf_counter() - tick) / tc.log_every, time.perf_counter()
+                lr = tc.lr * lr_factor(step, tc)  # the base lr (the backbone's group runs at its multiplier)
+                record = log_step(log, writer, done, loss, losses, exit, lr, seconds)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
-                if writer:
-                    for k, v in record.items():
-                        writer.add_scalar(k, v, done)
         if done % tc.checkpoint_every == 0 or done == tc.iterations:
             save_checkpoint(checkpoint_path, model, optimizer, scaler, done, cfg, world_size)
         if tc.evaluate and tc.eval_every and done % tc.eval_every == 0 and done != tc.iterations:
-            run_evaluation(model, cfg, out_dir / f"eval_{done:07d}", done, log if rank == 0 else None, device)
-
+            run_evaluation(model, cfg, out_dir / f"eval_{done:07d}", done, log, device)
     if rank == 0:
         bar.close()
         atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg)}, out_dir / "model_final.pt")
     if tc.evaluate:
-        run_evaluation(model, cfg, out_dir / "eval", tc.iterations, log if rank == 0 else None, device)
+        run_evaluation(model, cfg, out_dir / "eval", tc.iterations, log, device)
     if distributed():
         dist.destroy_process_group()
     return model
 
 
 def run_evaluation(model, cfg, out_dir, step, log, device):
-    """Evaluate on the val split on rank 0 while the other ranks wait."""
+    """Evaluate on the val split on rank 0 (the one with a log) while the other ranks wait."""
     if log is not None:
-        import evaluate
-
-        dataset = data.build_dataset(cfg.data, "val", train=False)
-        metrics = evaluate.evaluate_dataset(model, dataset, out_dir, device=device)
+        dataset = data.build_dataset(cfg.data, split="val", train=False)
+        metrics = evaluate_dataset(model, dataset, out_dir, device=device)
         model.train()
         log.write({"step": step, "eval": metrics})
         print(f"iteration {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
@@ -347,13 +362,15 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="YAML config")
     parser.add_argument("--out", help="run directory (default runs/<config name>)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in <out>")
     parser.add_argument("--init", help="initial weights (ours or an official .pkl); optimizer starts fresh")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = parser.parse_args(argv)
-    if args.resume and args.init:
-        parser.error("--resume and --init exclude each other")
+    if args.resume and (args.init or args.overwrite):
+        parser.error("--resume excludes --init and --overwrite")
     cfg = load_config(args.config, args.overrides)
-    train(cfg, args.out or Path("runs") / Path(args.config).stem, resume=args.resume, init=args.init)
+    train(cfg, args.out or Path("runs") / Path(args.config).stem, resume=args.resume, init=args.init,
+          overwrite=args.overwrite)
 
 
 if __name__ == "__main__":

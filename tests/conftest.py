@@ -1,4 +1,8 @@
-"""Shared test setup: the repository root on sys.path, a small CPU thread count, and paths."""
+"""Shared test setup: the repository root on sys.path, a small CPU thread count, and paths.
+Everything a test reads is in the repository (tests/data/): the suite runs from a plain clone."""
+import gzip
+import json
+import socket
 import sys
 from pathlib import Path
 
@@ -13,15 +17,19 @@ import data  # noqa: E402  (after the path)
 
 TINY = str(ROOT / "configs/demo/m2f_tiny.yaml")
 
-SHARED = ROOT.parent / "shared"
-OFFICIAL_KEYS = SHARED / "data" / "official_checkpoint_keys"
+DATA = ROOT / "tests" / "data"
+COCO_SAMPLE = DATA / "coco_panoptic_sample"  # two COCO val images with their panoptic annotations
+OFFICIAL_KEYS = DATA / "official_keys"
 
 
 @pytest.fixture(scope="session")
 def official_keys():
-    if not OFFICIAL_KEYS.is_dir():
-        pytest.fail(f"{OFFICIAL_KEYS} is missing: the tests need ../shared beside the checkout")
-    return OFFICIAL_KEYS
+    """official_keys(name) -> (shapes, kinds) of an official model's state dict (see its README)."""
+    def read(name):
+        with gzip.open(OFFICIAL_KEYS / f"{name}.json.gz", "rt") as f:
+            keys = json.load(f)
+        return keys["shapes"], keys["kinds"]
+    return read
 
 
 @pytest.fixture(scope="session")
@@ -39,3 +47,10 @@ def tiny_run(root, **extra):
                 "data.test_max_size": 128, "train.batch_size": 2, "train.log_every": 1, "train.checkpoint_every": 2,
                 "train.evaluate": "false", "train.amp": "fp32", "model.loss.num_points": 256, **extra}
     return [f"{k}={v}" for k, v in settings.items()]
+
+
+def free_port():
+    """A free local TCP port, for a torchrun launch of its own."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

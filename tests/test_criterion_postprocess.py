@@ -160,7 +160,7 @@ class TinyHead(nn.Module):
 
 def make_criterion(**kw):
     matcher = HungarianMatcher(num_points=64)
-    return SetCriterion(3, matcher, num_points=64, **kw)
+    return SetCriterion(num_classes=3, matcher=matcher, num_points=64, **kw)
 
 
 @pytest.mark.parametrize("n_per_image", [(2, 0, 3), (0, 0)])
@@ -187,7 +187,7 @@ def test_criterion_finite_and_every_parameter_gets_a_gradient(n_per_image):
 
 
 def test_empty_weight_buffer():
-    crit = SetCriterion(4, HungarianMatcher(), no_object_weight=0.1)
+    crit = SetCriterion(num_classes=4, matcher=HungarianMatcher(), no_object_weight=0.1)
     torch.testing.assert_close(crit.empty_weight, torch.tensor([1.0, 1.0, 1.0, 1.0, 0.1]))
     assert "empty_weight" in crit.state_dict()
 
@@ -238,7 +238,7 @@ def test_criterion_matches_direct_computation():
 def test_criterion_perfect_predictions_score_better():
     perms = [[4, 0, 2], [5, 3, 1, 0, 2]]
     outputs, targets = planted_batch(perms)
-    crit = SetCriterion(4, HungarianMatcher(num_points=512), num_points=512)
+    crit = SetCriterion(num_classes=4, matcher=HungarianMatcher(num_points=512), num_points=512)
     torch.manual_seed(0)
     good = crit(outputs, targets)
     # same predictions, complemented target masks (a shuffle would just be re-matched)

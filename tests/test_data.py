@@ -13,18 +13,15 @@ from PIL import Image
 
 import data
 from config import DataConfig, SplitConfig, load_config
-from conftest import ROOT, SHARED
+from conftest import COCO_SAMPLE, ROOT
 from data import DataError, PanopticDataset
 
-COCO_SAMPLE = SHARED / "data" / "coco_panoptic_sample"
 SYNTH_SPLIT = {split: SplitConfig(f"{split}/images", f"{split}/panoptic", f"{split}/panoptic.json",
                                   f"{split}/instances.json") for split in ("train", "val")}
 
 
 @pytest.fixture(scope="module")
 def coco():
-    if not COCO_SAMPLE.is_dir():
-        pytest.fail(f"{COCO_SAMPLE} is missing: the tests need ../shared beside the checkout")
     return PanopticDataset(SplitConfig("images", "panoptic", "panoptic.json"), COCO_SAMPLE)
 
 
@@ -250,9 +247,9 @@ def test_lsj_pads_with_void_and_128():
 
 def test_flips_happen_for_some_seeds():
     sample = blocky_sample(64, 96)
-    for transform in (data.build_transform(DataConfig(augment="none"), True),
+    for transform in (data.build_transform(DataConfig(augment="none"), train=True),
                       data.build_transform(DataConfig(augment="lsj", crop_size=[64, 96], min_scale=1.0,
-                                                      max_scale=1.0), True)):
+                                                      max_scale=1.0), train=True)):
         flipped = []
         for seed in range(20):
             out = transform(dict(sample), torch.Generator().manual_seed(seed))
@@ -305,7 +302,7 @@ def test_color_jitter():
     rgb = torch.rand(3, 20, 30)
     assert torch.allclose(data.hsv_to_rgb(*data.rgb_to_hsv(rgb)), rgb, atol=1e-5)
     cfg = DataConfig(augment="cityscapes", color_jitter=True, crop_size=[64, 64], short_side=[64, 64])
-    assert any(isinstance(t, data.ColorAugSSD) for t in data.build_transform(cfg, True).transforms)
+    assert any(isinstance(t, data.ColorAugSSD) for t in data.build_transform(cfg, train=True).transforms)
 
 
 def test_getitem_is_a_function_of_index_and_seed(synth):
@@ -321,9 +318,9 @@ def test_getitem_is_a_function_of_index_and_seed(synth):
 
 def test_bad_config_values():
     with pytest.raises(DataError, match="data.augment"):
-        data.build_transform(DataConfig(augment="mosaic"), True)
+        data.build_transform(DataConfig(augment="mosaic"), train=True)
     with pytest.raises(ValueError, match="split"):
-        data.build_dataset(DataConfig(), "test", False)
+        data.build_dataset(DataConfig(), split="test", train=False)
 
 
 # ---- sampler and loader -----------------------------------------------------------------------
@@ -364,10 +361,10 @@ def batches(loader, n):
 def test_loader_workers_give_the_same_batches(synth):
     cfg = DataConfig(crop_size=[64, 64], workers=0)
     ds = PanopticDataset(SYNTH_SPLIT["train"], synth, data.build_transform(cfg, train=True))
-    serial = batches(data.build_train_loader(cfg, ds, 3, seed=1, rank=0, world_size=1, start=0), 3)
+    serial = batches(data.build_train_loader(cfg, ds, batch_size_per_rank=3, seed=1, rank=0, world_size=1, start=0), 3)
     cfg.workers = 2
-    parallel = batches(data.build_train_loader(cfg, ds, 3, seed=1, rank=0, world_size=1, start=0), 3)
-    resumed = batches(data.build_train_loader(DataConfig(workers=0), ds, 3, seed=1, rank=0, world_size=1, start=3), 2)
+    parallel = batches(data.build_train_loader(cfg, ds, batch_size_per_rank=3, seed=1, rank=0, world_size=1, start=0), 3)
+    resumed = batches(data.build_train_loader(DataConfig(workers=0), ds, batch_size_per_rank=3, seed=1, rank=0, world_size=1, start=3), 2)
     assert all(isinstance(b, list) and len(b) == 3 for b in serial)
     for x, y in zip(sum(serial, []), sum(parallel, [])):
         assert x["image_id"] == y["image_id"]
@@ -491,7 +488,7 @@ def test_cityscapes_city_subfolders(small):
 def test_build_dataset(synth):
     cfg = DataConfig(root=str(synth), train=SYNTH_SPLIT["train"], val=SYNTH_SPLIT["val"], test_short_side=64,
                      test_max_size=1000)
-    train, val = data.build_dataset(cfg, "train", True), data.build_dataset(cfg, "val", False)
+    train, val = data.build_dataset(cfg, split="train", train=True), data.build_dataset(cfg, split="val", train=False)
     assert (len(train), len(val)) == (200, 20)
     assert val[0]["image"].shape == (3, 64, 64) and (val[0]["height"], val[0]["width"]) == (128, 128)
     assert train[(0, 1)]["image"].shape == (3, 1024, 1024)  # the default LSJ crop

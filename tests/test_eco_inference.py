@@ -14,6 +14,9 @@ import torch
 from PIL import Image
 
 import evaluate
+import flops
+import metrics
+from metrics import METRIC_KEYS, evaluate_dataset
 from conftest import ROOT
 
 TINY = ROOT / "configs/demo/m2f_tiny.yaml"
@@ -35,7 +38,7 @@ def eco(tmp_path_factory):
     model = build_model(cfg).eval()
     weights = tmp / "tiny.pt"
     torch.save({"model": model.state_dict()}, weights)
-    dataset = data.build_dataset(cfg.data, "val", train=False)
+    dataset = data.build_dataset(cfg.data, split="val", train=False)
     images, _ = model.preprocess([dataset[i]["image"] for i in range(len(dataset))])
 
     # Random heads with a large scale until the 4 images do not all take the same exit: the pooled
@@ -46,7 +49,7 @@ def eco(tmp_path_factory):
         with torch.no_grad():
             gate.head.weight.copy_(100 * torch.randn(gate.head.weight.shape, generator=generator))
             gate.head.bias.zero_()
-            exits = model(images, exit=gate)["exits"]
+            exits = model.forward_gated(images, gate)["exits"]
         if len(set(exits.tolist())) >= 2:
             break
     else:
@@ -82,11 +85,11 @@ def test_a_batch_with_mixed_exits_equals_one_image_at_a_time(eco):
 @torch.no_grad()
 def test_a_gated_batch_equals_one_image_at_a_time(eco):
     model, images, gate = eco.model, eco.images, eco.gate
-    batched = model(images, exit=gate)
+    batched = model.forward_gated(images, gate)
     exits = batched["exits"].tolist()
     assert exits == eco.exits.tolist() and len(set(exits)) >= 2
     for i, k in enumerate(exits):
-        assert model(images[i: i + 1], exit=gate)["exits"].tolist() == [k]  # the gate decides per image
+        assert model.forward_gated(images[i: i + 1], gate)["exits"].tolist() == [k]  # the gate decides per image
         alone = model(images[i: i + 1], exit=k)
         for got, want in zip(predictions(batched, i), predictions(alone)):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -103,7 +106,7 @@ def test_gated_evaluation_costs_each_image_its_own_exit(eco, capsys):
     report = capsys.readouterr().out
     out = eco.tmp / "eval_val_gate_gate_b001"  # next to the weights, named after the gate file
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == set(evaluate.METRIC_KEYS)
+    assert set(metrics) == set(METRIC_KEYS)
     assert metrics["exit"] == "gate" and metrics["gate"]["beta"] == 0.01 and metrics["gate"]["exits"] == [1, 2, 3]
     histogram = {int(k): n for k, n in metrics["exit_histogram"].items()}
     expected = {k: eco.exits.tolist().count(k) for k in set(eco.exits.tolist())}
@@ -112,7 +115,7 @@ def test_gated_evaluation_costs_each_image_its_own_exit(eco, capsys):
     assert metrics["FPS"] > 0  # timed with the gate inside the forward
 
     # Every image is 64x64 and stays so: the mean cost is the histogram-weighted mean per exit.
-    per_exit = {k: evaluate.model_flops(eco.model, 64, 64, output_size=(64, 64), exit=k) for k in histogram}
+    per_exit = {k: flops.model_flops(eco.model, 64, 64, output_size=(64, 64), exit=k) for k in histogram}
     for part, value in metrics["GFLOPs_parts"].items():
         weighted = sum(n * per_exit[k][part] for k, n in histogram.items()) / 4
         assert value == pytest.approx(weighted, rel=1e-12, abs=1e-15), part
@@ -120,7 +123,7 @@ def test_gated_evaluation_costs_each_image_its_own_exit(eco, capsys):
     assert min(g["total"] for g in per_exit.values()) < metrics["GFLOPs"] < max(g["total"] for g in per_exit.values())
 
     # Batch 1 through the function: the same exits, segments and scores (GFLOPs follow from the exits).
-    single = evaluate.evaluate_dataset(eco.model, eco.dataset, eco.tmp / "gate_batch1", batch_size=1, exit=eco.gate,
+    single = evaluate_dataset(eco.model, eco.dataset, eco.tmp / "gate_batch1", batch_size=1, gate=eco.gate,
                                        fps_images=0, vis_images=0, flops=False, progress=False)
     assert single["exit_histogram"] == metrics["exit_histogram"]
     for key in ("PQ", "SQ", "RQ", "AP", "mIoU"):
@@ -137,13 +140,13 @@ def test_average_gflops_with_per_image_exits(monkeypatch):
         calls.append((h, w, output_size, kwargs.get("exit")))
         return {"total": float(h * w + 1000 * kwargs.get("exit", 9)), "encoder": float(kwargs.get("exit", 9))}
 
-    monkeypatch.setattr(evaluate, "model_flops", fake_flops)
+    monkeypatch.setattr(flops, "model_flops", fake_flops)
     sizes = [((32, 48), (64, 96))] * 3 + [((48, 32), (96, 64))]
-    result = evaluate.average_gflops(None, sizes, exit=torch.tensor([1, 3, 1, 1]))
+    result = flops.average_gflops(None, sizes, exit=torch.tensor([1, 3, 1, 1]))
     assert sorted(calls) == [(32, 48, (64, 96), 1), (32, 48, (64, 96), 3), (48, 32, (96, 64), 1)]
     assert result == {"total": (4 * 32 * 48 + 6000) / 4, "encoder": 6 / 4}
     with pytest.raises(ValueError, match="3 exits for 4 images"):
-        evaluate.average_gflops(None, sizes, exit=[1, 2, 3])
+        flops.average_gflops(None, sizes, exit=[1, 2, 3])
 
 
 # ---- the sweep ------------------------------------------------------------------------------
@@ -234,7 +237,7 @@ def test_flops_command_honours_the_exit():
     # The command counts on the meta device without the layers past k: the same as exit=k on a real model.
     model = build_model(load_config(TINY))
     for k in (1, 2):
-        assert by_exit[k] == pytest.approx(evaluate.model_flops(model, 64, 96, exit=k), rel=1e-12)
+        assert by_exit[k] == pytest.approx(flops.model_flops(model, 64, 96, exit=k), rel=1e-12)
     with pytest.raises(ValueError, match="exits 1..3"):
         flops_command("--exit", "4")
 

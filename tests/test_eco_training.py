@@ -17,7 +17,7 @@ from model import build_model
 
 
 def batch(synthetic, cfg, model):
-    dataset = data.build_dataset(cfg.data, "train", train=True)
+    dataset = data.build_dataset(cfg.data, split="train", train=True)
     samples = [dataset[(i, 7)] for i in range(2)]
     images, _ = model.preprocess([s["image"] for s in samples])
     return images, train.make_targets(samples, images.shape[-2:], "cpu")
@@ -61,7 +61,7 @@ def test_all_mode_sums_alpha_weighted_exit_losses(synthetic):
     model = build_model(cfg)
     images, targets = batch(synthetic, cfg, model)
     torch.manual_seed(2)
-    total, _ = train.training_losses(model, images, targets, cfg.train, 0)
+    total, _ = train.training_losses(train.EveryExit(model, cfg.train.exits), images, targets, cfg.train, 0)
     torch.manual_seed(2)  # the same random points: forward_exits meets the criterion in exit order
     separate = {k: model(images, targets, exit=k) for k in (1, 3)}
     for name in total:
@@ -135,12 +135,11 @@ def test_the_gate_learns_a_separable_toy_problem():
     trained = gate.train_gate(features, q, [1, 2, 3], beta=0.0, epochs=30, lr=1e-2)
     chosen = trained.logits(features).argmax(-1)
     assert (chosen == kind).float().mean() > 0.97
-    coarse = features[:5, :, None, None].expand(5, 16, 2, 3)  # as projected 1/32 maps
-    assert trained(coarse).tolist() == [k + 1 for k in kind[:5].tolist()]
+    assert trained(features[:5]).tolist() == [k + 1 for k in kind[:5].tolist()]
 
 
 def test_gate_file_roundtrip_and_bad_file(tmp_path):
-    g = gate.Gate(8, (2, 4, 6))
+    g = gate.Gate(dim=8, exits=(2, 4, 6))
     gate.save_gate(g, tmp_path / "gate.pt", beta=0.01, loss="hard-ce")
     loaded = gate.load_gate(tmp_path / "gate.pt")
     assert loaded.exits.tolist() == [2, 4, 6] and loaded.info["beta"] == 0.01
@@ -155,7 +154,7 @@ def test_gate_command_end_to_end(synthetic, tmp_path, capsys):
     torch.manual_seed(0)
     weights = tmp_path / "model.pt"
     torch.save({"model": build_model(cfg).state_dict()}, weights)
-    dataset = data.build_dataset(cfg.data, "train", train=False)
+    dataset = data.build_dataset(cfg.data, split="train", train=False)
     derived = tmp_path / "derived.jsonl"
     rows = [{"image_id": im["id"], "file_name": im["file_name"], "exits": [1, 2, 3],
              "pq": [0.6 if i % 2 else 0.1, 0.5, 0.55]} for i, im in enumerate(dataset.images)]
@@ -167,14 +166,13 @@ def test_gate_command_end_to_end(synthetic, tmp_path, capsys):
     # u = q - 0.05 k: (0.55, 0.40, 0.40) for odd images -> exit 1; (0.05, 0.40, 0.40) -> exit 2
     assert "target exits:  1: 4  2: 4  3: 0" in out
     assert (tmp_path / "derived.jsonl.gate_inputs.pt").exists()
-    # a second β reuses the cached inputs: no model is built
-    import model as model_module
-    real_build = model_module.build_model
-    model_module.build_model = lambda *_: pytest.fail("the cache was not used")
+    # a second β reuses the cached inputs: no image goes through the model
+    real_inputs = gate.gate_inputs
+    gate.gate_inputs = lambda *_: pytest.fail("the cache was not used")
     try:
         gate.main([*args, "--beta", "0.0", "--loss", "soft-ce", "--out", str(tmp_path / "b.pt")])
     finally:
-        model_module.build_model = real_build
+        gate.gate_inputs = real_inputs
     assert "target exits:  1: 4  2: 0  3: 4" in capsys.readouterr().out  # β = 0: the best q
     assert gate.load_gate(tmp_path / "b.pt").info["loss"] == "soft-ce"
 
@@ -182,12 +180,12 @@ def test_gate_command_end_to_end(synthetic, tmp_path, capsys):
 @pytest.mark.parametrize("name", ["eco_m2f_swin_t_beta0.0005_coco", "eco_m2f_swin_t_beta0.01_cityscapes"])
 def test_official_eco_checkpoints_map_to_our_model_and_gate(official_keys, name):
     """Official ECO-M2F = Mask2Former + the gate head: every key maps to our model or to the gate."""
-    shapes = json.loads((official_keys / f"{name}.json").read_text())
+    shapes, _ = official_keys(name)
     dataset = "coco" if name.endswith("coco") else "cityscapes"
     with torch.device("meta"):
-        net = build_model(load_config(str(ROOT / f"configs/{dataset}/eco_swin_t.yaml")))
+        net = build_model(load_config(str(ROOT / f"configs/{dataset}/eco_m2f.yaml")))
     fake = {k: torch.zeros(s) for k, s in shapes.items() if not k.endswith("relative_position_index")}
-    converted, unused = __import__("model").convert_official_state_dict(fake, net)
+    converted, unused = __import__("config").convert_official_state_dict(fake, net)
     assert set(converted) == {k for k in net.state_dict() if not k.endswith("relative_position_index")}
     assert unused == [k for k in fake if k.startswith(gate.OFFICIAL_GATE)]
     g = gate.official_gate(fake)

@@ -10,7 +10,11 @@ from PIL import Image
 from panopticapi.evaluation import pq_compute
 
 import evaluate
-from evaluate import image_pq
+import flops
+import metrics
+import metrics as quality  # for the tests whose results are called metrics
+from metrics import METRIC_KEYS, evaluate_dataset
+from metrics import image_pq
 
 # Non-contiguous ids, as in COCO: 3 thing and 3 stuff categories.
 CATEGORIES = {1: {"id": 1, "name": "a", "isthing": 1}, 3: {"id": 3, "name": "b", "isthing": 1},
@@ -150,7 +154,7 @@ def test_image_pq_random_cases_are_not_trivial():
         rng = np.random.default_rng(seed)
         gt_ids, gt_segments = random_gt(rng)
         pred_ids, pred_segments = perturb(rng, gt_ids, gt_segments)
-        stats = evaluate.pq_stats(gt_ids, gt_segments, pred_ids, pred_segments, CATEGORIES)
+        stats = metrics.pq_stats(gt_ids, gt_segments, pred_ids, pred_segments, CATEGORIES)
         tp += sum(s["tp"] for s in stats.values())
         fp += sum(s["fp"] for s in stats.values())
         fn += sum(s["fn"] for s in stats.values())
@@ -211,7 +215,7 @@ def test_semantic_metrics_follow_detectron2():
     K = 3
     gt = np.array([0, 0, 1, 1, 3, 3])  # class 2 has no ground truth; 3 = K is ignored
     pred = np.array([0, 1, 1, 2, 2, 0])
-    metrics = evaluate.semantic_metrics(evaluate.confusion_matrix(pred, gt, K))
+    metrics = quality.semantic_metrics(quality.confusion_matrix(pred, gt, K))
     # class 0: tp 1, union 2 (the prediction on an ignored pixel does not count); class 1: tp 1,
     # union 3; class 2 (no ground truth) is left out of the mean.
     assert metrics["mIoU"] == pytest.approx(100 * (1 / 2 + 1 / 3) / 2)
@@ -222,7 +226,7 @@ def test_semantic_ground_truth_keeps_crowds_and_ignores_void():
     ids = np.array([[0, 5, 5], [9, 9, 77]])  # 77: an id no segment describes
     segments = [{"id": 5, "category_id": 10, "iscrowd": 0}, {"id": 9, "category_id": 3, "iscrowd": 1}]
     contiguous = {3: 1, 10: 4}
-    np.testing.assert_array_equal(evaluate.semantic_from_panoptic(ids, segments, contiguous, ignore=6),
+    np.testing.assert_array_equal(metrics.semantic_from_panoptic(ids, segments, contiguous, ignore=6),
                                   [[6, 4, 4], [1, 1, 6]])
 
 
@@ -236,7 +240,7 @@ def test_panoptic_metrics_with_an_empty_group(tmp_path):
     pred_segments = [{"id": 1, "category_id": 1}]
     with pytest.raises(ZeroDivisionError):
         pq_compute_on_files(tmp_path, gt, gt_segments, pred, pred_segments)
-    metrics = evaluate.panoptic_metrics(tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json",
+    metrics = quality.panoptic_metrics(tmp_path / "gt.json", tmp_path / "gt", tmp_path / "pred.json",
                                         tmp_path / "pred")
     expected = image_pq(gt, gt_segments, pred, pred_segments, CATEGORIES)  # (4/6 + 0) / 2 categories
     assert metrics["PQ"] == pytest.approx(100 * expected["pq"]) and metrics["PQ"] == pytest.approx(100 * 2 / 6)
@@ -246,16 +250,15 @@ def test_panoptic_metrics_with_an_empty_group(tmp_path):
 def test_instance_metrics_without_detections():
     gt = {"images": [{"id": 1, "height": 4, "width": 4}], "categories": [{"id": 1, "name": "a"}],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 4,
-                           "bbox": [0, 0, 2, 2], "segmentation": evaluate.encode_mask(np.eye(4) > 0)}]}
-    assert evaluate.instance_metrics(gt, [], [1])["AP"] == 0.0
+                           "bbox": [0, 0, 2, 2], "segmentation": metrics.encode_mask(np.eye(4) > 0)}]}
+    assert metrics.instance_metrics(gt, [], [1])["AP"] == 0.0
 
 
 def test_panoptic_to_instances_on_coco_sample():
-    from conftest import SHARED
+    from conftest import COCO_SAMPLE as sample
 
-    sample = SHARED / "data" / "coco_panoptic_sample"
     panoptic = json.loads((sample / "panoptic.json").read_text())
-    gt = evaluate.panoptic_to_instances(panoptic, sample / "panoptic")
+    gt = metrics.panoptic_to_instances(panoptic, sample / "panoptic")
     things = {c["id"] for c in panoptic["categories"] if c["isthing"]}
     expected = [s for a in panoptic["annotations"] for s in a["segments_info"] if s["category_id"] in things]
     assert len(gt["annotations"]) == len(expected)
@@ -264,7 +267,7 @@ def test_panoptic_to_instances_on_coco_sample():
     assert [a["area"] for a in gt["annotations"]] == [s["area"] for s in expected]
     assert {c["id"] for c in gt["categories"]} == things
     # Only one image asked for: only its instances.
-    one = evaluate.panoptic_to_instances(panoptic, sample / "panoptic", image_ids=[panoptic["images"][0]["id"]])
+    one = metrics.panoptic_to_instances(panoptic, sample / "panoptic", image_ids=[panoptic["images"][0]["id"]])
     assert {a["image_id"] for a in one["annotations"]} == {panoptic["images"][0]["id"]}
 
 
@@ -275,9 +278,9 @@ def test_average_gflops_counts_each_size_once(monkeypatch):
         calls.append((h, w, output_size, kwargs.get("exit")))
         return {"total": float(h * w), "backbone": 1.0}
 
-    monkeypatch.setattr(evaluate, "model_flops", fake_flops)
+    monkeypatch.setattr(flops, "model_flops", fake_flops)
     sizes = [((32, 48), (64, 96)), ((32, 48), (64, 96)), ((48, 32), (96, 64)), ((32, 48), (64, 96))]
-    result = evaluate.average_gflops(None, sizes, exit=2)
+    result = flops.average_gflops(None, sizes, exit=2)
     assert sorted(calls) == [(32, 48, (64, 96), 2), (48, 32, (96, 64), 2)]
     assert result == {"total": 32 * 48.0, "backbone": 1.0}
 
@@ -345,11 +348,11 @@ def test_perfect_predictions_score_100(tmp_path, instances):
     split = SplitConfig("val/images", "val/panoptic", "val/panoptic.json",
                         "val/instances.json" if instances == "file" else "")
     cfg = DataConfig(root=str(root), val=split, test_short_side=48, test_max_size=96)
-    dataset = data.build_dataset(cfg, "val", train=False)
+    dataset = data.build_dataset(cfg, split="val", train=False)
     assert tuple(dataset[0]["image"].shape[-2:]) == (48, 48)  # the model sees resized images
 
     out = tmp_path / "eval"
-    metrics = evaluate.evaluate_dataset(OracleModel(dataset), dataset, out, batch_size=2, max_images=3,
+    metrics = evaluate_dataset(OracleModel(dataset), dataset, out, batch_size=2, max_images=3,
                                         fps_images=0, flops=False, progress=False)
     assert metrics["images"] == 3
     for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "AP", "AP50", "AP75", "mIoU", "pACC"):
@@ -371,7 +374,7 @@ def test_a_wrong_prediction_scores_less(tmp_path):
     root = synthetic(tmp_path, val=2)
     cfg = DataConfig(root=str(root), val=SplitConfig("val/images", "val/panoptic", "val/panoptic.json"),
                      test_short_side=64, test_max_size=128)
-    dataset = data.build_dataset(cfg, "val", train=False)
+    dataset = data.build_dataset(cfg, split="val", train=False)
     oracle = OracleModel(dataset)
     inference = oracle.inference
 
@@ -383,7 +386,7 @@ def test_a_wrong_prediction_scores_less(tmp_path):
         return results
 
     oracle.inference = swapped
-    metrics = evaluate.evaluate_dataset(oracle, dataset, tmp_path / "eval", fps_images=0, flops=False,
+    metrics = evaluate_dataset(oracle, dataset, tmp_path / "eval", fps_images=0, flops=False,
                                         progress=False)
     assert metrics["PQ"] < 100 and metrics["mIoU"] < 100
     assert metrics["AP"] == pytest.approx(100.0)  # instances untouched
@@ -422,7 +425,7 @@ def test_eval_command_end_to_end(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "PQ" in report and "GFLOPs" in report and "FPS" in report
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == set(evaluate.METRIC_KEYS)
+    assert set(metrics) == set(METRIC_KEYS)
     assert metrics["images"] == 2 and metrics["exit"] is None
     assert metrics["PQ"] is not None and 0 <= metrics["PQ"] <= 100  # an untrained model: any value
     assert metrics["mIoU"] is not None and metrics["GFLOPs"] > 0 and metrics["FPS"] > 0

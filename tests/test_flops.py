@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from evaluate import FlopCounter, model_flops
+from flops import FlopCounter, model_flops
 from msda import MSDeformAttn
 
 BOTH = pytest.mark.parametrize("complete", [False, True])
@@ -45,7 +45,7 @@ def test_deformable_attention():
     C, M, P, shapes = 32, 4, 3, [(6, 8), (3, 4)]
     L, S = len(shapes), sum(h * w for h, w in shapes)
     Lq = S
-    attn = MSDeformAttn(d_model=C, n_levels=L, n_heads=M, n_points=P)
+    attn = MSDeformAttn(dim=C, levels=L, heads=M, points=P)
     query, value = torch.randn(1, Lq, C), torch.randn(1, S, C)
     reference_points = torch.rand(1, Lq, L, 2)
     run = lambda: attn(query, reference_points, value, shapes)  # noqa: E731
@@ -233,7 +233,8 @@ from contextlib import redirect_stdout  # noqa: E402
 from io import StringIO  # noqa: E402
 
 import encoders  # noqa: E402
-import evaluate  # noqa: E402
+import evaluate
+import flops  # noqa: E402
 from config import load_config  # noqa: E402
 from model import build_model  # noqa: E402
 
@@ -249,7 +250,7 @@ def layer_flops(tokens, C, levels, M, P, ffn):
 def test_deformable_encoder_layer_by_hand():
     shapes = [(3, 5), (6, 10), (12, 20)]
     S, C, M, P, ffn = sum(h * w for h, w in shapes), 32, 4, 2, 64
-    layer = encoders.DeformableEncoderLayer(C, len(shapes), M, P, ffn).eval()
+    layer = encoders.DeformableEncoderLayer(dim=C, levels=len(shapes), heads=M, points=P, ffn_dim=ffn).eval()
     src = torch.randn(2, S, C)
     ref = encoders.reference_points(shapes)
     with FlopCounter() as counter, torch.no_grad():
@@ -312,16 +313,16 @@ def test_papers_encoder_column_leaves_out_the_mask_branch_upsampling():
     """The papers' encoder column misses the bilinear upsampling of the 1/8 map (4 per output
     value at 1/4 resolution); their totals include it. Also: the meta device counts the same."""
     cfg = load_config(ROOT / "configs/demo/m2f_tiny.yaml")
-    gflops = evaluate.model_flops(build_model(cfg), 64, 96)
+    gflops = flops.model_flops(build_model(cfg), 64, 96)
     assert gflops["encoder"] - gflops["encoder_papers"] == pytest.approx(4 * 64 * 16 * 24 / 1e9, rel=1e-9)
     with torch.device("meta"):
         shapes_only = build_model(cfg)
-    assert evaluate.model_flops(shapes_only, 64, 96) == pytest.approx(gflops, rel=1e-12)
+    assert flops.model_flops(shapes_only, 64, 96) == pytest.approx(gflops, rel=1e-12)
 
 
 def test_flops_table_covers_every_row(capsys):
     """`evaluate.py flops --table`: M2F first in every group, then its PRO-SCALE rows."""
     evaluate.main(["flops", "--table"])
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 + sum(len(entries) for _, _, entries in evaluate.FLOPS_TABLE)
+    assert len(lines) == 2 + len(evaluate.flops_configs())
     assert "| Cityscapes, Swin-L | PRO-SCALE (3,3,3) | 1024x2048 | 141.52 (-50.74%) | 141.39 |" in "\n".join(lines)

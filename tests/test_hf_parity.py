@@ -219,7 +219,7 @@ def outputs():
 
     encoder = encoders.M2FEncoder(CHANNELS, dim=DIM, heads=HEADS, points=4, ffn_dim=ENC_FFN, layers=ENC_LAYERS,
                                   dropout=0.0, mask_branch="conv").eval()
-    decoder = model.MaskedAttentionDecoder(NUM_LABELS, in_dim=DIM, dim=DIM, queries=QUERIES, layers=DEC_ROUNDS,
+    decoder = model.MaskedAttentionDecoder(num_classes=NUM_LABELS, in_dim=DIM, dim=DIM, queries=QUERIES, layers=DEC_ROUNDS,
                                            heads=HEADS, ffn_dim=DEC_FFN, mask_dim=DIM, dropout=0.0).eval()
     encoder.load_state_dict(enc_state, strict=True)  # strict: every one of our tensors comes from HF
     decoder.load_state_dict(dec_state, strict=True)

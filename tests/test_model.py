@@ -13,9 +13,7 @@ from conftest import ROOT
 
 
 def official(official_keys, name):
-    shapes = json.loads((official_keys / f"{name}.json").read_text())
-    kinds = json.loads((official_keys / f"{name}.meta.json").read_text())["kinds"]
-    return shapes, kinds
+    return official_keys(name)
 
 
 @pytest.mark.parametrize("name, cfg_path", [
@@ -39,7 +37,7 @@ def test_parameter_shapes_equal_official(official_keys, name, cfg_path):
     state = net.state_dict()
     mapped = {}
     for key, shape in shapes.items():
-        new = model.official_to_ours(key)
+        new = config.official_to_ours(key)
         if key.endswith(("relative_position_index", "num_batches_tracked")):
             continue  # buffers we rebuild ourselves
         assert new in state, f"{key} -> {new} is not one of our keys"
@@ -65,7 +63,7 @@ def test_convert_official_state_dict_roundtrip():
     }
     state = net.state_dict()
     fake = {k: state[v].clone() + 1 for k, v in official_names.items()}
-    converted, unused = model.convert_official_state_dict(fake, net)
+    converted, unused = config.convert_official_state_dict(fake, net)
     assert unused == []
     for k, v in official_names.items():
         assert torch.equal(converted[v], state[v] + 1)

@@ -161,7 +161,7 @@ def make_module(d_model=16, n_levels=2, n_heads=4, n_points=3, seed=0, perturb=T
     """An MSDeformAttn; with `perturb`, offset/attention weights are made non-zero so the
     query actually moves the samples and the softmax is not uniform."""
     torch.manual_seed(seed)
-    module = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+    module = MSDeformAttn(dim=d_model, levels=n_levels, heads=n_heads, points=n_points)
     if perturb:
         with torch.no_grad():
             module.sampling_offsets.weight.normal_(0, 0.3)
@@ -217,7 +217,7 @@ def test_official_initialisation(n_heads, n_levels, n_points):
     """sampling_offsets bias = head direction (cos, sin)(2πh/M) / max-abs component × (p+1),
     same on every level, in (heads, levels, points, 2) layout; every other weight/bias that the
     official init zeroes is exactly zero."""
-    m = MSDeformAttn(8 * 3, n_levels, n_heads, n_points)  # 24 is divisible by 8, 3 and 6
+    m = MSDeformAttn(dim=8 * 3, levels=n_levels, heads=n_heads, points=n_points)  # 24 is divisible by 8, 3 and 6
     expected = []
     for h in range(n_heads):
         theta = 2 * math.pi * h / n_heads
@@ -240,7 +240,7 @@ def test_official_initialisation(n_heads, n_levels, n_points):
 def test_initial_offsets_are_the_eight_direction_star():
     """With 8 heads the first point of each head lies on the unit square in the 8 compass
     directions (1,0), (1,1), (0,1), (-1,1), (-1,0), (-1,-1), (0,-1), (1,-1)."""
-    m = MSDeformAttn(16, 2, 8, 3)
+    m = MSDeformAttn(dim=16, levels=2, heads=8, points=3)
     bias = m.sampling_offsets.bias.detach().view(8, 2, 3, 2)
     star = torch.tensor([[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]],
                         dtype=torch.float32)
@@ -254,7 +254,7 @@ def test_init_zero_query_samples_at_reference_plus_bias():
     output equals output_proj(ms_deform_attn(values, ref + bias/(W_l, H_l), uniform))."""
     torch.manual_seed(0)
     M, L, P, C = 4, 2, 3, 16
-    m = MSDeformAttn(C, L, M, P).double()
+    m = MSDeformAttn(dim=C, levels=L, heads=M, points=P).double()
     N, Lq = 2, 5
     _, reference, value = module_inputs(m, N, Lq, dtype=torch.float64)
     query = torch.zeros(N, Lq, C, dtype=torch.float64)
@@ -285,7 +285,7 @@ def test_module_matches_explicit_reference(seed):
 def test_module_rejects_indivisible_heads():
     """d_model must split evenly over the heads."""
     with pytest.raises(ValueError):
-        MSDeformAttn(10, 2, 4, 2)
+        MSDeformAttn(dim=10, levels=2, heads=4, points=2)
 
 
 # --------------------------------------------------------------------------------------------

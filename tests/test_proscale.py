@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import encoders
-from evaluate import FlopCounter
+from flops import FlopCounter
 
 CHANNELS = {"res2": 16, "res3": 32, "res4": 48, "res5": 64}
 DIM, HEADS, POINTS, FFN = 32, 4, 2, 64
@@ -19,7 +19,7 @@ def features(batch=2, size=(64, 96), seed=0):
 
 def proscale(depths, **kwargs):
     torch.manual_seed(0)
-    return encoders.ProScaleEncoder(CHANNELS, depths, DIM, HEADS, POINTS, FFN, **kwargs).eval()
+    return encoders.ProScaleEncoder(CHANNELS, depths=depths, dim=DIM, heads=HEADS, points=POINTS, ffn_dim=FFN, **kwargs).eval()
 
 
 @pytest.mark.parametrize("depths", [(1, 1, 1), (3, 1, 1), (1, 3, 1), (1, 1, 3), (2, 0, 1)])
@@ -54,7 +54,7 @@ def test_stage_structure(depths):
 def test_parameters_per_configuration():
     """Each layer has its own weights; parameter counts add up stage by stage."""
     def layer_params(levels):
-        return sum(p.numel() for p in encoders.DeformableEncoderLayer(DIM, levels, HEADS, POINTS, FFN).parameters())
+        return sum(p.numel() for p in encoders.DeformableEncoderLayer(dim=DIM, levels=levels, heads=HEADS, points=POINTS, ffn_dim=FFN).parameters())
 
     base = sum(p.numel() for p in proscale((1, 0, 0), trc=False).parameters()) - layer_params(1)
     for depths in [(1, 1, 1), (3, 3, 3), (3, 1, 1), (1, 3, 1), (1, 1, 3)]:
@@ -70,7 +70,7 @@ def test_token_recalibration_formula(official):
     """ŝ = s ⊙ sigmoid(ε·φ(resize(s2))), computed directly; the official layout reshapes tokens to
     maps without a transpose."""
     torch.manual_seed(1)
-    trc = encoders.TokenRecalibration(DIM, epsilon=0.1, official_layout=official)
+    trc = encoders.TokenRecalibration(dim=DIM, epsilon=0.1, official_layout=official)
     B, shape, guide_shape = 2, (3, 5), (12, 20)
     tokens = torch.randn(B, 15, DIM)
     guide = torch.randn(B, 240, DIM)
@@ -87,8 +87,8 @@ def test_token_recalibration_formula(official):
 
 def test_official_layout_differs_from_the_transpose():
     torch.manual_seed(2)
-    a = encoders.TokenRecalibration(DIM, official_layout=False)
-    b = encoders.TokenRecalibration(DIM, official_layout=True)
+    a = encoders.TokenRecalibration(dim=DIM, official_layout=False)
+    b = encoders.TokenRecalibration(dim=DIM, official_layout=True)
     b.load_state_dict(a.state_dict())
     tokens, guide = torch.randn(1, 15, DIM), torch.randn(1, 240, DIM)
     assert not torch.allclose(a(tokens, (3, 5), guide, (12, 20)), b(tokens, (3, 5), guide, (12, 20)))
@@ -96,7 +96,7 @@ def test_official_layout_differs_from_the_transpose():
 
 @pytest.mark.parametrize("kind, pool", [("lpe_max", torch.nn.MaxPool2d), ("lpe_avg", torch.nn.AvgPool2d)])
 def test_light_pixel_embedding(kind, pool):
-    branch = encoders.MaskBranch(16, DIM, kind)
+    branch = encoders.MaskBranch(16, dim=DIM, kind=kind)
     smooth = branch.output[0]
     assert isinstance(smooth, pool) and (smooth.kernel_size, smooth.stride, smooth.padding) in [(3, 1, 1), ((3, 3), (1, 1), (1, 1))]
     assert isinstance(branch.output[1], torch.nn.GroupNorm) and isinstance(branch.output[2], torch.nn.ReLU)
@@ -116,7 +116,7 @@ def test_no_res2_ablation_gives_eighth_resolution_masks():
 @torch.no_grad()
 def test_006_without_trc_is_the_m2f_encoder():
     """All six layers in stage 3 over all tokens, no TRC: exactly Mask2Former's encoder."""
-    m2f = encoders.M2FEncoder(CHANNELS, DIM, HEADS, POINTS, FFN, layers=6).eval()
+    m2f = encoders.M2FEncoder(CHANNELS, dim=DIM, heads=HEADS, points=POINTS, ffn_dim=FFN, layers=6).eval()
     ps = proscale((0, 0, 6), trc=False, mask_branch="conv")
     ps.load_state_dict(m2f.state_dict())
     feats = features()
@@ -151,7 +151,7 @@ def test_flops_shrink_by_the_removed_layers_and_conv():
         assert cost[(3, 3, 3)] - cost[d] == 2 * layer_flops(stage_tokens[stage], stage + 1)
     assert cost[(3, 3, 3)] > cost[(3, 3, 1)] > cost[(1, 1, 1)]
     # Against M2F with the same width: the removed layers, and the 3x3 conv (LPE keeps its GN).
-    m2f = encoders.M2FEncoder(CHANNELS, DIM, HEADS, POINTS, FFN, layers=6).eval()
+    m2f = encoders.M2FEncoder(CHANNELS, dim=DIM, heads=HEADS, points=POINTS, ffn_dim=FFN, layers=6).eval()
     removed_layers = 6 * layer_flops(stage_tokens[2], 3) - sum(layer_flops(stage_tokens[s], s + 1) for s in range(3))
     removed_conv = quarter * DIM * DIM * 9
     assert encoder_flops(m2f) - cost[(1, 1, 1)] == removed_layers + removed_conv

@@ -7,9 +7,10 @@ import sys
 import pytest
 import torch
 
+import config
 import train
 from config import load_config
-from conftest import ROOT, TINY as CONFIG
+from conftest import ROOT, TINY as CONFIG, free_port
 from conftest import tiny_run as overrides
 
 
@@ -34,16 +35,15 @@ def test_resume_continues_the_same_loss_curve(synthetic, tmp_path):
 
 def test_killed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
-    train.atomic_save({"step": 1, "w": torch.ones(3)}, path)
+    config.atomic_save({"step": 1, "w": torch.ones(3)}, path)
 
     def dies_halfway(obj, f):
-        with open(f, "wb") as out:
-            out.write(b"partial")
+        f.write(b"partial")
         raise KeyboardInterrupt  # the process is killed mid-write
 
-    monkeypatch.setattr(train.torch, "save", dies_halfway)
+    monkeypatch.setattr(torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
-        train.atomic_save({"step": 2, "w": torch.zeros(3)}, path)
+        config.atomic_save({"step": 2, "w": torch.zeros(3)}, path)
     kept = torch.load(path, weights_only=True)
     assert kept["step"] == 1 and torch.equal(kept["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary files left
@@ -84,7 +84,7 @@ def test_lr_schedules():
 def test_two_processes_with_torchrun_stay_identical(synthetic, tmp_path):
     """DDP on gloo: after a few iterations every rank holds exactly the same parameters."""
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "tests/ddp_worker.py"), CONFIG, str(out), *overrides(synthetic, **{"train.iterations": 3})]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)

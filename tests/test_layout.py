@@ -1,0 +1,44 @@
+"""The module graph is a tree (README, "Layout"): commands on top, nothing imports a command, and
+no lower module imports a higher one."""
+import ast
+
+from conftest import ROOT
+
+# Each module and the modules it may import; a module missing here is a new file to place.
+ALLOWED = {
+    "msda": set(),
+    "config": set(),
+    "flops": set(),
+    "encoders": {"msda"},
+    "model": {"encoders", "msda", "config"},
+    "data": {"config"},
+    "metrics": {"config", "data", "encoders", "flops", "model", "msda"},
+    "gate": {"config", "data", "encoders", "model", "msda"},
+    "train": {"config", "data", "encoders", "metrics", "model", "flops", "msda"},
+    "derive": {"config", "data", "encoders", "metrics", "model", "flops", "msda"},
+    "evaluate": {"config", "data", "encoders", "flops", "gate", "metrics", "model", "msda"},
+}
+
+
+def local_imports(path, modules):
+    """Every module of `modules` that the file imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found & modules
+
+
+def test_every_module_imports_only_modules_below_it():
+    modules = {p.stem for p in ROOT.glob("*.py")}
+    assert modules == set(ALLOWED), "a module was added or removed: place it in ALLOWED and the README"
+    for name in sorted(modules):
+        wrong = local_imports(ROOT / f"{name}.py", modules) - ALLOWED[name]
+        assert not wrong, f"{name}.py imports {sorted(wrong)}"
+
+
+def test_no_module_over_about_800_lines():
+    sizes = {p.name: len(p.read_text().splitlines()) for p in ROOT.glob("*.py")}
+    assert max(sizes.values()) <= 860, sizes
