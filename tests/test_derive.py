@@ -13,9 +13,7 @@ from panopticapi.evaluation import pq_compute, pq_compute_multi_core
 
 import data
 import derive
-import evaluate
-import metrics
-from metrics import METRIC_KEYS, evaluate_dataset
+from metrics import evaluate_dataset
 import model as model_module
 from config import load_config
 from conftest import ROOT, free_port

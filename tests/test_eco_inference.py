@@ -15,7 +15,6 @@ from PIL import Image
 
 import evaluate
 import flops
-import metrics
 from metrics import METRIC_KEYS, evaluate_dataset
 from conftest import ROOT
 

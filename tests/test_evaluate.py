@@ -11,8 +11,7 @@ from panopticapi.evaluation import pq_compute
 
 import evaluate
 import flops
-import metrics
-import metrics as quality  # for the tests whose results are called metrics
+import metrics as quality  # the tests call their results `metrics`
 from metrics import METRIC_KEYS, evaluate_dataset
 from metrics import image_pq
 
@@ -154,7 +153,7 @@ def test_image_pq_random_cases_are_not_trivial():
         rng = np.random.default_rng(seed)
         gt_ids, gt_segments = random_gt(rng)
         pred_ids, pred_segments = perturb(rng, gt_ids, gt_segments)
-        stats = metrics.pq_stats(gt_ids, gt_segments, pred_ids, pred_segments, CATEGORIES)
+        stats = quality.pq_stats(gt_ids, gt_segments, pred_ids, pred_segments, CATEGORIES)
         tp += sum(s["tp"] for s in stats.values())
         fp += sum(s["fp"] for s in stats.values())
         fn += sum(s["fn"] for s in stats.values())
@@ -226,7 +225,7 @@ def test_semantic_ground_truth_keeps_crowds_and_ignores_void():
     ids = np.array([[0, 5, 5], [9, 9, 77]])  # 77: an id no segment describes
     segments = [{"id": 5, "category_id": 10, "iscrowd": 0}, {"id": 9, "category_id": 3, "iscrowd": 1}]
     contiguous = {3: 1, 10: 4}
-    np.testing.assert_array_equal(metrics.semantic_from_panoptic(ids, segments, contiguous, ignore=6),
+    np.testing.assert_array_equal(quality.semantic_from_panoptic(ids, segments, contiguous, ignore=6),
                                   [[6, 4, 4], [1, 1, 6]])
 
 
@@ -250,15 +249,15 @@ def test_panoptic_metrics_with_an_empty_group(tmp_path):
 def test_instance_metrics_without_detections():
     gt = {"images": [{"id": 1, "height": 4, "width": 4}], "categories": [{"id": 1, "name": "a"}],
           "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": 4,
-                           "bbox": [0, 0, 2, 2], "segmentation": metrics.encode_mask(np.eye(4) > 0)}]}
-    assert metrics.instance_metrics(gt, [], [1])["AP"] == 0.0
+                           "bbox": [0, 0, 2, 2], "segmentation": quality.encode_mask(np.eye(4) > 0)}]}
+    assert quality.instance_metrics(gt, [], [1])["AP"] == 0.0
 
 
 def test_panoptic_to_instances_on_coco_sample():
     from conftest import COCO_SAMPLE as sample
 
     panoptic = json.loads((sample / "panoptic.json").read_text())
-    gt = metrics.panoptic_to_instances(panoptic, sample / "panoptic")
+    gt = quality.panoptic_to_instances(panoptic, sample / "panoptic")
     things = {c["id"] for c in panoptic["categories"] if c["isthing"]}
     expected = [s for a in panoptic["annotations"] for s in a["segments_info"] if s["category_id"] in things]
     assert len(gt["annotations"]) == len(expected)
@@ -267,7 +266,7 @@ def test_panoptic_to_instances_on_coco_sample():
     assert [a["area"] for a in gt["annotations"]] == [s["area"] for s in expected]
     assert {c["id"] for c in gt["categories"]} == things
     # Only one image asked for: only its instances.
-    one = metrics.panoptic_to_instances(panoptic, sample / "panoptic", image_ids=[panoptic["images"][0]["id"]])
+    one = quality.panoptic_to_instances(panoptic, sample / "panoptic", image_ids=[panoptic["images"][0]["id"]])
     assert {a["image_id"] for a in one["annotations"]} == {panoptic["images"][0]["id"]}
 
 

@@ -219,8 +219,8 @@ def test_model_flops():
     gflops = model_flops(model, height, width, scale=2.0)
 
     assert model.seen == (torch.Size([1, 3, padded_h, padded_w]), torch.float64, False, False)
-    for part, flops in expected.items():
-        assert gflops[part] == pytest.approx(flops / 1e9, rel=1e-12)
+    for part, count in expected.items():
+        assert gflops[part] == pytest.approx(count / 1e9, rel=1e-12)
     assert gflops["total"] == pytest.approx((sum(expected.values()) + other) / 1e9, rel=1e-12)
     assert model.training and model.backbone.training and not model.encoder[0].training
     assert not model.backbone._forward_hooks  # tracking hooks are gone

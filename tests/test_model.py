@@ -1,5 +1,4 @@
 """The Mask2Former stack: official architecture, checkpoint names, exits, config, and learning."""
-import json
 from collections import Counter
 
 import pytest
