@@ -9,6 +9,8 @@ anything else is an error naming the key and the file. Every default below is th
 Mask2Former setting (COCO panoptic, ResNet-50) unless its comment says otherwise.
 """
 import dataclasses
+import glob
+import math
 import os
 import pickle
 import re
@@ -30,6 +32,32 @@ class BackboneConfig:
 
 
 @dataclass
+class LiteConfig:
+    """Lite-M2F (encoder name: lite), Lite-DETR's interleaved update. The encoder's `layers` split
+    into `blocks` blocks of layers/blocks layers: high-only layers, then one full layer. The
+    papers' "H3L1-(5+1)x1" is layers 6, blocks 1. Width, heads, points, FFN: the encoder's own."""
+
+    high_levels: int = 2  # the high-level scales, lowest resolution first: 2 = 1/32 and 1/16 (1..3)
+    blocks: int = 1  # Lite-DETR's num_expansion; must divide `layers`
+
+
+@dataclass
+class RTConfig:
+    """RT-M2F (encoder name: rt), RT-DETR's hybrid encoder; the defaults are the authors'
+    cfg.MODEL.RT_DETR_ENCODER. Hidden width, AIFI heads, FFN and dropout: the encoder's dim,
+    heads, ffn_dim, dropout (256, 8, 1024, 0.0). Its mask features are at 1/8 (mask_branch: none)."""
+
+    aifi_levels: list[str] = field(default_factory=lambda: ["res5"])  # AIFI maps (RT_DETR_USE_ENCODER_IDX [2])
+    aifi_layers: int = 1  # transformer layers per AIFI map (RT_DETR_NUM_ENC_LAYERS)
+    aifi_activation: str = "gelu"  # AIFI FFN activation (RT_DETR_ENC_ACT)
+    temperature: float = 10000.0  # of the 2-D sin-cos position embedding (RT_DETR_PE_TEMP)
+    pe_official_order: bool = False  # RT-DETR's flattening of the embedding (wrong on non-square maps)
+    csp_blocks: int = 3  # RepVGG blocks per CSPRep block: round(3 x depth multiplier 1)
+    expansion: float = 1.0  # CSPRep hidden width = int(dim x expansion) (RT_DETR_EXPANSION)
+    activation: str = "silu"  # CCFM activation (RT_DETR_ACT): silu, relu, gelu, leaky_relu
+
+
+@dataclass
 class EncoderConfig:
     name: str = "m2f"  # see encoders.build_encoder
     dim: int = 256
@@ -39,11 +67,14 @@ class EncoderConfig:
     layers: int = 6
     dropout: float = 0.0
     mask_branch: str = "conv"  # 1/4 branch: conv (3x3 conv), lpe_max / lpe_avg (PRO-SCALE LPE), none (C1)
+    attention: str = "torch"  # deformable attention: torch (grid_sample) | native (csrc/ C++/CUDA op) | auto (msda.py)
     # PRO-SCALE (name: proscale)
     depths: list[int] = field(default_factory=lambda: [3, 3, 3])  # (p1, p2, p3) layers per stage
     trc: bool = True  # token re-calibration
     trc_epsilon: float = 0.1
     trc_official_layout: bool = False  # reproduce the official token-to-map reshape (no transpose)
+    lite: LiteConfig = field(default_factory=LiteConfig)  # Lite-M2F (name: lite)
+    rt: RTConfig = field(default_factory=RTConfig)  # RT-M2F (name: rt)
 
 
 @dataclass
@@ -107,7 +138,7 @@ class SplitConfig:
 class DataConfig:
     # Dataset root; "" = $DETECTRON2_DATASETS, or ./datasets when that is unset.
     root: str = ""
-    # The built-in synthetic set (`python data.py synth --out datasets/synthetic`) unless a
+    # The built-in synthetic set (`python synthetic.py --out datasets/synthetic`) unless a
     # config names another dataset.
     train: SplitConfig = field(default_factory=lambda: SplitConfig(
         "synthetic/train/images", "synthetic/train/panoptic", "synthetic/train/panoptic.json",
@@ -272,6 +303,131 @@ def check_type(value, kind, where, name):
     return value
 
 
+# ---- validation: every numeric and named setting, checked where the config is read -------------
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def _positive(x):
+    return _finite(x) and x > 0
+
+
+def _non_negative(x):
+    return _finite(x) and x >= 0
+
+
+def _fraction(x):
+    return _finite(x) and 0 <= x <= 1
+
+
+def _distinct_positive_ints(xs):
+    return len(set(xs)) == len(xs) and all(k >= 1 for k in xs)
+
+
+ACTIVATIONS = ("silu", "relu", "gelu", "leaky_relu", "none")  # encoders.activation_layer's names
+
+# (key, test, what the value must be). Names an encoder or backbone knows are checked where they
+# are built (model.build_backbone, encoders.build_encoder), which list the valid ones.
+RULES = [
+    ("model.num_classes", _positive, "a positive number of classes"),
+    ("model.thing_classes", lambda v, c: all(0 <= k < c.model.num_classes for k in v) and len(set(v)) == len(v),
+     "distinct class ids in 0..model.num_classes-1"),
+    ("model.size_divisibility", _non_negative, ">= 0 (0: no padding)"),
+    ("model.pixel_mean", lambda v: len(v) == 3 and all(map(_finite, v)), "three finite numbers (R, G, B)"),
+    ("model.pixel_std", lambda v: len(v) == 3 and all(map(_positive, v)), "three positive numbers (R, G, B)"),
+    ("model.backbone.drop_path", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    ("model.backbone.window_size", _positive, "a positive window size"),
+    ("model.encoder.dim", _positive, "a positive width"),
+    ("model.encoder.heads", lambda v, c: _positive(v) and c.model.encoder.dim % v == 0,
+     "a positive divisor of model.encoder.dim"),
+    ("model.encoder.points", _positive, "a positive number of sampling points"),
+    ("model.encoder.ffn_dim", _positive, "a positive width"),
+    ("model.encoder.layers", _positive, "at least 1 layer"),
+    ("model.encoder.dropout", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    ("model.encoder.mask_branch", lambda v: v in ("conv", "lpe_max", "lpe_avg", "none"), "conv, lpe_max, lpe_avg or none"),
+    ("model.encoder.depths", lambda v: len(v) == 3 and min(v) >= 0 and sum(v) > 0,
+     "three layer counts (p1, p2, p3) >= 0, not all 0"),
+    ("model.encoder.trc_epsilon", _finite, "a finite number"),
+    ("model.encoder.attention", lambda v: v in ("torch", "native", "auto"), "torch, native or auto"),
+    ("model.encoder.lite.high_levels", lambda v: v in (1, 2, 3), "1, 2 or 3 (the high-level scales, from 1/32)"),
+    ("model.encoder.lite.blocks", lambda v, c: _positive(v) and c.model.encoder.layers % v == 0,
+     "a positive divisor of model.encoder.layers"),
+    ("model.encoder.rt.aifi_levels", lambda v: len(v) > 0 and len(set(v)) == len(v) and set(v) <= {"res3", "res4", "res5"},
+     "distinct levels among res3, res4, res5"),
+    ("model.encoder.rt.aifi_layers", _positive, "a positive number of layers"),
+    ("model.encoder.rt.aifi_activation", lambda v: v in ACTIVATIONS, ", ".join(ACTIVATIONS)),
+    ("model.encoder.rt.temperature", _positive, "a positive temperature"),
+    ("model.encoder.rt.csp_blocks", _positive, "a positive number of blocks"),
+    ("model.encoder.rt.expansion", _positive, "a positive factor"),
+    ("model.encoder.rt.activation", lambda v: v in ACTIVATIONS, ", ".join(ACTIVATIONS)),
+    ("model.decoder.queries", _positive, "a positive number of queries"),
+    ("model.decoder.layers", _positive, "at least 1 round"),
+    ("model.decoder.dim", _positive, "a positive width"),
+    ("model.decoder.heads", lambda v, c: _positive(v) and c.model.decoder.dim % v == 0,
+     "a positive divisor of model.decoder.dim"),
+    ("model.decoder.ffn_dim", _positive, "a positive width"),
+    ("model.decoder.dropout", lambda v: _finite(v) and 0 <= v < 1, "in [0, 1)"),
+    ("model.loss.class_weight", _non_negative, "a finite weight >= 0"),
+    ("model.loss.mask_weight", _non_negative, "a finite weight >= 0"),
+    ("model.loss.dice_weight", _non_negative, "a finite weight >= 0"),
+    ("model.loss.no_object_weight", _non_negative, "a finite weight >= 0"),
+    ("model.loss.num_points", _positive, "a positive number of points"),
+    ("model.loss.oversample_ratio", lambda v: _finite(v) and v >= 1, ">= 1"),
+    ("model.loss.importance_sample_ratio", _fraction, "in [0, 1]"),
+    ("model.inference.object_mask_threshold", _fraction, "in [0, 1]"),
+    ("model.inference.overlap_threshold", _fraction, "in [0, 1]"),
+    ("model.inference.topk_per_image", _positive, "a positive number"),
+    ("data.augment", lambda v: v in ("lsj", "cityscapes", "none"), "lsj, cityscapes or none"),
+    ("data.crop_size", lambda v: len(v) == 2 and all(map(_positive, v)), "two positive sizes (H, W)"),
+    ("data.min_scale", _positive, "a positive scale"),
+    ("data.max_scale", lambda v, c: _finite(v) and v >= c.data.min_scale, ">= data.min_scale"),
+    ("data.short_side", lambda v: len(v) == 2 and all(map(_positive, v)) and v[0] <= v[1],
+     "two positive sizes (low, high), low <= high"),
+    ("data.max_size", _positive, "a positive size"),
+    ("data.test_short_side", _positive, "a positive size"),
+    ("data.test_max_size", lambda v, c: _finite(v) and v >= c.data.test_short_side, ">= data.test_short_side"),
+    ("data.workers", _non_negative, ">= 0 (0: load in the main process)"),
+    ("train.batch_size", _positive, "a positive global batch size"),
+    ("train.iterations", _positive, "a positive number of iterations"),
+    ("train.lr", _positive, "a positive, finite learning rate"),
+    ("train.weight_decay", _non_negative, "a finite weight decay >= 0"),
+    ("train.backbone_lr_multiplier", _non_negative, "a finite multiplier >= 0 (0 freezes the backbone's updates)"),
+    ("train.clip_grad_norm", _non_negative, "a finite norm >= 0 (0: no clipping)"),
+    ("train.schedule", lambda v: v in ("step", "poly"), "step or poly"),
+    ("train.steps", lambda v: list(v) == sorted(v) and all(s >= 0 for s in v), "iterations >= 0 in increasing order"),
+    ("train.gamma", _positive, "a positive factor"),
+    ("train.poly_power", _positive, "a positive power"),
+    ("train.amp", lambda v: v in ("fp32", "fp16", "bf16"), "fp32, fp16 or bf16"),
+    ("train.checkpoint_every", _positive, "a positive number of iterations"),
+    ("train.eval_every", _non_negative, ">= 0 (0: only at the end)"),
+    ("train.log_every", _positive, "a positive number of iterations"),
+    ("train.exits", _distinct_positive_ints, "distinct encoder layers >= 1"),
+    ("train.exit_alpha", lambda v, c: all(map(_positive, v)) and len(v) in (0, len(c.train.exits)),
+     "one positive α per exit of train.exits (or [] for α_k = k)"),
+    ("train.exit_mode", lambda v: v in ("sample", "all"), "sample or all"),
+    ("gate.exits", lambda v: len(v) > 0 and _distinct_positive_ints(v), "distinct encoder layers >= 1"),
+    ("gate.beta", _non_negative, "a finite β >= 0"),
+    ("gate.loss", lambda v: v in ("hard-ce", "u-ce", "soft-ce", "soft-mse"), "hard-ce, u-ce, soft-ce or soft-mse"),
+    ("gate.epochs", _positive, "a positive number of epochs"),
+    ("gate.lr", _positive, "a positive, finite learning rate"),
+    ("gate.batch_size", _positive, "a positive batch size"),
+]
+
+
+def validate(cfg, where):
+    """Every rule of RULES on `cfg`; the first broken one is a ConfigError naming the key and `where`."""
+    for key, test, requirement in RULES:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        takes_cfg = test.__code__.co_argcount == 2
+        if not (test(value, cfg) if takes_cfg else test(value)):
+            raise ConfigError(f"{where}: '{key}' must be {requirement}, got {value!r}")
+    return cfg
+
+
 def load_config(path=None, overrides=()):
     """Config from a YAML file (or the defaults when `path` is None) plus `key=value` overrides.
     An override `_base_=FILE` (relative to the config file) replaces the file's `_base_`."""
@@ -284,7 +440,7 @@ def load_config(path=None, overrides=()):
     if overrides or base:
         data = apply_overrides(data, overrides)
         where += " + command line"
-    return from_dict(Config, data, where)
+    return validate(from_dict(Config, data, where), where)
 
 
 def config_to_dict(cfg):
@@ -292,12 +448,30 @@ def config_to_dict(cfg):
 
 
 def config_from_dict(data, where="checkpoint"):
-    return from_dict(Config, data, where)
+    return validate(from_dict(Config, data, where), where)
 
 
 def save_config(cfg, path):
     """Write the resolved config as YAML, atomically."""
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+# ---- commands --------------------------------------------------------------------------------
+
+
+def run_command(main):
+    """Run a script's main(): an error a user can act on (a bad config, data file, weights file or
+    option: ValueError, OSError; a non-finite loss) prints as one line naming its cause and exits
+    with status 2; M2F_DEBUG=1 in the environment shows the whole traceback instead."""
+    import sys
+
+    try:
+        return main()
+    except (ValueError, OSError, FloatingPointError) as e:
+        if os.environ.get("M2F_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 # ---- files: atomic writes and checkpoints ---------------------------------------------------
@@ -308,11 +482,14 @@ def save_config(cfg, path):
 
 def atomic_write(path, write, binary=False):
     """Call write(file) on a temporary file in the same folder, flush it to disk, then rename it
-    over `path`: a write killed halfway (or a full disk) leaves the previous file intact, and the
-    temporary file is removed on any error."""
+    over `path`: a write killed halfway (or a full disk) leaves the previous file intact. The
+    temporary file is removed on any error, and one left by a killed earlier write is removed
+    by the next write of the same file. A failed write is an OSError naming `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)  # only this file's writes use the name; a killed one left it
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb" if binary else "w") as f:
             write(f)
@@ -322,8 +499,11 @@ def atomic_write(path, write, binary=False):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, (OSError, RuntimeError)) and str(path) not in str(e):  # a full disk, say
+            raise OSError(f"{path}: could not write it ({type(e).__name__}: {e}); the previous file, "
+                          "if any, is intact") from e
         raise
 
 

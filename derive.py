@@ -12,8 +12,9 @@ JSON line per image, in dataset order, each image exactly once:
 
     {"image_id": 139, "file_name": "000000000139.jpg", "exits": [1, 2, 3, 4, 5, 6], "pq": [0.41, ...]}
 
-Files. Rank r (0 in a plain run) streams its lines into <out>.rank<r>.jsonl, flushing each, so a
-kill loses at most the image in flight. A run first reads <out> and every shard file on disk
+Files. <out>.source.json records the weights file the set is derived from; a later run continues
+<out> only with the same weights. Rank r (0 in a plain run) streams its lines into
+<out>.rank<r>.jsonl, flushing each, so a kill loses at most the image in flight. A run first reads <out> and every shard file on disk
 (whatever number of processes wrote them), skips the images they hold, and shares the rest out
 over the ranks; a last line cut short by a kill is dropped. At the end rank 0 merges everything
 into <out> (written atomically) and deletes the shards. Each rank only appends to its own shard.
@@ -31,7 +32,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from config import atomic_write_text, load_config
+from config import atomic_write_text, load_config, run_command
 from data import distributed, setup_distributed
 from encoders import check_exit
 from metrics import image_pq, load_evaluation
@@ -70,20 +71,55 @@ def read_lines(path: Path) -> tuple[list[dict], int]:
 
 def read_done(out: Path, exits: list[int], file_names: dict) -> dict:
     """image_id -> record of every image already in `out` or its shards, each checked against
-    this run (same exits, an image of this split). An image found twice (killed between the merge
-    and the removal of the shards) counts once: it was computed from the same weights."""
+    this run (same exits, an image of this split, PQ values in [0, 1]). An image found in two
+    files (killed between the merge and the removal of the shards) counts once: it was computed
+    from the same weights; an image twice in one file is a damaged file, refused."""
     done = {}
     for path in ([out] if out.is_file() else []) + shard_files(out):
+        seen = set()
         for record in read_lines(path)[0]:
             image_id = record.get("image_id")
-            if record.get("exits") != exits or len(record.get("pq", ())) != len(exits):
+            pq = record.get("pq")
+            if record.get("exits") != exits or not isinstance(pq, list) or len(pq) != len(exits):
                 raise ValueError(f"{path}: image {image_id} was derived at exits {record.get('exits')}, this run "
                                  f"asks for {exits}; pass --exits to match, or choose another --out")
             if file_names.get(image_id) != record.get("file_name"):
                 raise ValueError(f"{path}: image {image_id} ({record.get('file_name')}) is not an image of this "
                                  "split; was the file derived from another split or dataset?")
+            if not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in pq):  # NaN fails too
+                raise ValueError(f"{path}: image {image_id} has PQ values {pq} outside [0, 1]; delete the file "
+                                 "to start over")
+            if image_id in seen:
+                raise ValueError(f"{path}: image {image_id} is in the file twice; delete the file to start over")
+            seen.add(image_id)
             done.setdefault(image_id, record)
     return done
+
+
+def source_path(out: Path) -> Path:
+    return out.with_name(f"{out.name}.source.json")
+
+
+def check_source(out: Path, weights, rank: int) -> None:
+    """<out>.source.json records the weights file (path, size, modification time) the derived set
+    is computed from. A later run continues it only with the same weights: PQ values of two
+    different models in one file would train the gate on nonsense."""
+    stat = Path(weights).stat()
+    source = {"weights": str(Path(weights).resolve()), "size": stat.st_size, "mtime": stat.st_mtime}
+    path = source_path(out)
+    if path.is_file():
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: unreadable ({e}); delete it and {out} to start over") from None
+        if recorded != source:
+            raise ValueError(f"{out}: derived from {recorded.get('weights')} (size {recorded.get('size')}, "
+                             f"mtime {recorded.get('mtime')}), not from {weights}; choose another --out, or delete "
+                             f"{out}* to start over")
+    elif rank == 0 and (out.is_file() or shard_files(out)):
+        print(f"{out}: no record of its weights (written before {path.name} existed); continuing it with {weights}")
+    if rank == 0 and not path.is_file():
+        atomic_write_text(path, json.dumps(source))
 
 
 # ---- one image --------------------------------------------------------------------------------
@@ -165,6 +201,7 @@ def main(argv=None):
         raise ValueError(f"--exits {args.exits}: each exit once")
 
     n = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
+    check_source(out, args.weights, rank)
     done = read_done(out, exits, file_names)
     todo = [i for i in range(n) if dataset.images[i]["id"] not in done]
     if not todo and not shard_files(out):
@@ -188,8 +225,11 @@ def main(argv=None):
             for sample, gt in tqdm(loader, desc=f"derive [rank {rank}]", position=rank, dynamic_ncols=True):
                 pq = derive_image(model, sample, gt, exits, categories, to_dataset)
                 record = {"image_id": sample["image_id"], "file_name": sample["file_name"], "exits": exits, "pq": pq}
-                f.write(json.dumps(record) + "\n")
-                f.flush()
+                try:
+                    f.write(json.dumps(record) + "\n")
+                    f.flush()
+                except OSError as e:  # a full disk: the lines before are safe, and a rerun continues
+                    raise OSError(f"{shard}: could not append ({e}); run again to continue") from e
 
     if distributed():
         dist.barrier()  # every shard is complete
@@ -221,4 +261,4 @@ def finish():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

@@ -106,9 +106,9 @@ class DeformableEncoderLayer(nn.Module):
     Parameter names follow the official layer so checkpoints map one to one.
     """
 
-    def __init__(self, *, dim=256, levels=3, heads=8, points=4, ffn_dim=1024, dropout=0.0):
+    def __init__(self, *, dim=256, levels=3, heads=8, points=4, ffn_dim=1024, dropout=0.0, attention="torch"):
         super().__init__()
-        self.self_attn = MSDeformAttn(dim=dim, levels=levels, heads=heads, points=points)
+        self.self_attn = MSDeformAttn(dim=dim, levels=levels, heads=heads, points=points, impl=attention)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(dim)
         self.linear1 = nn.Linear(dim, ffn_dim)
@@ -264,7 +264,7 @@ class M2FEncoder(nn.Module):
     name = "m2f"  # model.encoder.name
 
     def __init__(self, in_channels, *, dim=256, heads=8, points=4, ffn_dim=1024, layers=6, dropout=0.0,
-                 mask_branch="conv"):
+                 mask_branch="conv", attention="torch"):
         """in_channels: dict of backbone channels for res2..res5."""
         super().__init__()
         if layers < 1:
@@ -273,7 +273,7 @@ class M2FEncoder(nn.Module):
         self.input_proj = InputProjection([in_channels[name] for name in LEVELS], dim=dim)
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(dim=dim, levels=len(LEVELS), heads=heads, points=points, ffn_dim=ffn_dim,
-                                   dropout=dropout)
+                                   dropout=dropout, attention=attention)
             for _ in range(layers)
         )
         for layer in self.layers:  # official: xavier on every matrix, then MSDeformAttn's own init
@@ -373,7 +373,7 @@ class ProScaleEncoder(nn.Module):
     num_exits = 0  # its stages see different token sets: no early exits (yet)
 
     def __init__(self, in_channels, *, depths=(3, 3, 3), dim=256, heads=8, points=4, ffn_dim=1024, dropout=0.0,
-                 mask_branch="lpe_max", trc=True, trc_epsilon=0.1, trc_official_layout=False):
+                 mask_branch="lpe_max", trc=True, trc_epsilon=0.1, trc_official_layout=False, attention="torch"):
         super().__init__()
         if len(depths) != 3 or min(depths) < 0 or sum(depths) == 0:
             raise ValueError(f"PRO-SCALE depths must be three counts (p1, p2, p3), not all 0; got {depths}")
@@ -381,7 +381,7 @@ class ProScaleEncoder(nn.Module):
         self.input_proj = InputProjection([in_channels[name] for name in LEVELS], dim=dim)
         self.layers = nn.ModuleList(
             DeformableEncoderLayer(dim=dim, levels=stage + 1, heads=heads, points=points, ffn_dim=ffn_dim,
-                                   dropout=dropout)
+                                   dropout=dropout, attention=attention)
             for stage, depth in enumerate(self.depths) for _ in range(depth)
         )
         self.trc = TokenRecalibration(dim=dim, epsilon=trc_epsilon, official_layout=trc_official_layout) if trc else None
@@ -423,17 +423,312 @@ class ProScaleEncoder(nn.Module):
         return self.mask_branch(features["res2"], multi_scale[-1]), multi_scale
 
 
+# ---- Lite-M2F: Lite-DETR's interleaved update (Li et al., 2023), key-aware attention off ----------
+#
+# The papers' GFLOPs pin it down ("H3L1-(5+1)x1"). At Cityscapes 1024x2048 (Swin-T) the 1/32, 1/16
+# and 1/8 maps hold 2048, 8192 and 32768 tokens: S = 43008, of which 10240 are high-level. In the
+# papers' convention a deformable layer costs 256·(192 + 96 + 256 + 2048) + 10·256 = 666112 FLOPs
+# per query (offsets, weights, output projection, FFN, two LayerNorms) and 256·256 = 65536 per value
+# token (the value projection). A high-only layer (queries: the 10240 high tokens; values: all S)
+# costs 10240·666112 + 43008·65536 = 9.640 G, a full layer 43008·731648 = 31.467 G. M2F's six full
+# layers leave 281.13 - 188.80 = 92.33 G for the input projections and the mask branch, so five
+# high-only layers + one full layer give 92.33 + 48.20 + 31.47 = 171.99 (papers: 172.00; total
+# 428.72 against 428.70, PRO-SCALE Table 2), and with LPE (no 3x3 conv at 1/4, 131072·256·256·9 =
+# 77.31 G less) 94.68 and 351.41 (Table 4: 94.69, 351.40). Readings that miss: (6+1) 181.63, the
+# value projection over the high tokens only 161.26, six high-only layers 150.17.
+
+
+class LiteLayer(DeformableEncoderLayer):
+    """A Lite-DETR encoder layer. high_levels = 0: a full layer, every token a query. Otherwise a
+    high-only layer: the queries are the tokens of the first `high_levels` levels (the lowest
+    resolutions, which lead the sequence), the values are all tokens; the other tokens pass
+    through unchanged. Parameters, names and shapes as DeformableEncoderLayer's (M2F's)."""
+
+    def __init__(self, *, high_levels=0, **kwargs):
+        super().__init__(**kwargs)
+        self.high_levels = high_levels
+
+    def forward(self, src, pos, ref, spatial_shapes, value=None):
+        """As DeformableEncoderLayer.forward on all tokens src (B, S, C); returns (B, S, C)."""
+        if not self.high_levels:
+            return super().forward(src, pos, ref, spatial_shapes, value)
+        n = sum(h * w for h, w in spatial_shapes[: self.high_levels])
+        high = super().forward(src[:, :n], pos[:, :n], ref[:, :n], spatial_shapes, value=src)
+        return torch.cat([high, src[:, n:]], dim=1)
+
+
+class LiteEncoder(M2FEncoder):
+    """Lite-M2F: M2F's encoder with Lite-DETR's interleaved update. `layers` split into `blocks`
+    blocks, each of layers/blocks - 1 high-only layers (queries: the 1/32 and 1/16 tokens, for
+    high_levels 2; values: all tokens) and one full layer. The papers': 6 layers, 1 block ((5+1)x1).
+
+    Everything else is M2F's (input projections, positions, mask branch, parameter names), and so
+    are the exits: every layer is one, `exit=k` stops after layer k (Lite-ECO-M2F)."""
+
+    name = "lite"  # model.encoder.name
+
+    def __init__(self, in_channels, *, dim=256, heads=8, points=4, ffn_dim=1024, layers=6, dropout=0.0,
+                 mask_branch="conv", attention="torch", high_levels=2, blocks=1):
+        super(M2FEncoder, self).__init__()
+        if not 1 <= high_levels <= len(LEVELS):
+            raise ValueError(f"Lite-M2F high_levels must be in 1..{len(LEVELS)}, got {high_levels}")
+        if layers < 1 or blocks < 1 or layers % blocks:
+            raise ValueError(f"Lite-M2F needs blocks >= 1 dividing layers >= 1, got layers={layers}, blocks={blocks}")
+        self.dim = dim
+        self.input_proj = InputProjection([in_channels[name] for name in LEVELS], dim=dim)
+        per_block = layers // blocks
+        self.layers = nn.ModuleList(
+            LiteLayer(high_levels=0 if (i + 1) % per_block == 0 else high_levels, dim=dim, levels=len(LEVELS),
+                      heads=heads, points=points, ffn_dim=ffn_dim, dropout=dropout, attention=attention)
+            for i in range(layers)
+        )
+        for layer in self.layers:  # as M2F: xavier on every matrix, then MSDeformAttn's own init
+            for p in layer.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_uniform_(p)
+            layer.self_attn.reset_parameters()
+        self.mask_branch = MaskBranch(in_channels["res2"], dim=dim, kind=mask_branch)
+
+
+# ---- RT-M2F: RT-DETR's hybrid encoder (Lv et al., 2023) ---------------------------------------
+#
+# AIFI (one transformer layer) on the 1/32 map, then CCFM: a top-down and a bottom-up fusion of
+# 1/8, 1/16, 1/32 with CSPRep blocks; settings of the authors' cfg.MODEL.RT_DETR_ENCODER. The
+# papers' GFLOPs decide where the mask features come from. At Cityscapes 1024x2048 (Swin-T), in the
+# papers' convention: input projections 2.84 G, AIFI over the 2048 tokens of 1/32 3.76 G, CCFM
+# 121.02 G (its CSPRep blocks at 1/8 and 1/16: 73.15 + 2 x 18.29), 127.63 G in all. Reading A, the
+# mask features a 1x1 conv (RT_DETR_MASK_DIM 256) on CCFM's 1/8 output (32768 tokens x 256 x 256 =
+# 2.15 G; mask_branch "none", mask_stride 8): encoder 129.78, total 361.20, against the papers'
+# 130.00 and 361.10 (-0.17 %, +0.03 %). Reading B, M2F's 1/4 branch on res2 and that 1/8 output
+# (mask_branch "conv"): 217.09 and 473.81 (+67 %, +31 %). Without the 1x1 conv A gives 127.63 (-1.8 %).
+# A also fits the rest: its non-encoder GFLOPs are 25.17 below M2F's (papers: 25.62), the decoder's
+# mask products at 1/8 instead of 1/4.
+
+
+def activation_layer(name):
+    """RT-DETR's activations by name, as modules."""
+    kinds = {"silu": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "leaky_relu": nn.LeakyReLU, "none": nn.Identity}
+    if name not in kinds:
+        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(kinds)}")
+    return kinds[name]()
+
+
+def sincos_position_2d(height, width, dim=256, temperature=10000.0, official_order=False, device=None):
+    """RT-DETR's 2-D sin-cos embedding of a (height, width) map flattened row by row: (height·width,
+    dim), channels [sin(a·ω), cos(a·ω), sin(b·ω), cos(b·ω)] with ω_k = 1 / T^(k / (dim/4)), k < dim/4,
+    at integer positions (a, b), unnormalised.
+
+    By default token y·width + x gets (a, b) = (y, x). RT-DETR flattens meshgrid(arange(w),
+    arange(h), indexing="ij"), which gives token i (a, b) = (i // height, i % height): the same on a
+    square map, scrambled on any other (fixed upstream later). official_order=True reproduces that."""
+    if dim % 4:
+        raise ValueError(f"the 2-D sin-cos embedding needs a width divisible by 4, got {dim}")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32, device=device) / (dim // 4))
+    index = torch.arange(height * width, device=device)
+    period = height if official_order else width
+    a = torch.div(index, period, rounding_mode="floor").to(torch.float32)[:, None] * omega  # (h*w, dim/4)
+    b = (index % period).to(torch.float32)[:, None] * omega
+    return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], dim=1)
+
+
+class PackedAttention(nn.Module):
+    """Multi-head attention with nn.MultiheadAttention's parameters (in_proj_weight, in_proj_bias,
+    out_proj) and init, computed with F.linear and F.scaled_dot_product_attention (which the FLOP
+    counter sees; nn.MultiheadAttention hides its ops from it)."""
+
+    def __init__(self, *, dim, heads, dropout=0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
+        self.out_proj = nn.Linear(dim, dim)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query, key, value):
+        """query (B, Lq, C), key and value (B, Lk, C) -> (B, Lq, C)."""
+        B, Lq, C = query.shape
+        q, k, v = (F.linear(x, w, b).view(B, x.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, L, C/heads)
+                   for x, w, b in zip((query, key, value), self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(out.transpose(1, 2).reshape(B, Lq, C))
+
+
+class AIFILayer(nn.Module):
+    """RT-DETR's intra-scale layer: post-norm self-attention (q = k = x + pos, v = x), then an FFN."""
+
+    def __init__(self, *, dim=256, heads=8, ffn_dim=1024, dropout=0.0, activation="gelu"):
+        super().__init__()
+        self.self_attn = PackedAttention(dim=dim, heads=heads, dropout=dropout)
+        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.activation = activation_layer(activation)
+
+    def forward(self, x, pos):
+        """x (B, L, C), pos (1 or B, L, C) -> (B, L, C)."""
+        q = x + pos
+        x = self.norm1(x + self.dropout1(self.self_attn(q, q, x)))
+        return self.norm2(x + self.dropout2(self.linear2(self.dropout(self.activation(self.linear1(x))))))
+
+
+class AIFI(nn.Module):
+    """A stack of AIFI layers over one map (RT-DETR's TransformerEncoder, no final norm)."""
+
+    def __init__(self, layers=1, **kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(AIFILayer(**kwargs) for _ in range(layers))
+
+    def forward(self, x, pos):
+        for layer in self.layers:
+            x = layer(x, pos)
+        return x
+
+
+class ConvNorm(nn.Module):
+    """Conv (no bias, 'same' padding) + BatchNorm + activation: RT-DETR's ConvNormLayer."""
+
+    def __init__(self, c_in, c_out, kernel, stride=1, act="none"):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel, stride, padding=(kernel - 1) // 2, bias=False)
+        self.norm = nn.BatchNorm2d(c_out)
+        self.act = activation_layer(act)
+
+    def forward(self, x):
+        return self.act(self.norm(self.conv(x)))
+
+
+class RepVGGBlock(nn.Module):
+    """act(ConvNorm 3x3 (x) + ConvNorm 1x1 (x)), channels kept (training form, no re-parametrisation)."""
+
+    def __init__(self, channels, act="silu"):
+        super().__init__()
+        self.conv1 = ConvNorm(channels, channels, 3)
+        self.conv2 = ConvNorm(channels, channels, 1)
+        self.act = activation_layer(act)
+
+    def forward(self, x):
+        return self.act(self.conv1(x) + self.conv2(x))
+
+
+class CSPRepBlock(nn.Module):
+    """RT-DETR's CSPRepLayer: conv3(RepVGG blocks(conv1(x)) + conv2(x)); conv1, conv2 1x1 to
+    hidden = int(c_out·expansion) channels, conv3 1x1 to c_out (absent when hidden == c_out)."""
+
+    def __init__(self, c_in, c_out, *, blocks=3, expansion=1.0, act="silu"):
+        super().__init__()
+        hidden = int(c_out * expansion)
+        self.conv1 = ConvNorm(c_in, hidden, 1, act=act)
+        self.conv2 = ConvNorm(c_in, hidden, 1, act=act)
+        self.bottlenecks = nn.Sequential(*(RepVGGBlock(hidden, act=act) for _ in range(blocks)))
+        self.conv3 = ConvNorm(hidden, c_out, 1, act=act) if hidden != c_out else nn.Identity()
+
+    def forward(self, x):
+        return self.conv3(self.bottlenecks(self.conv1(x)) + self.conv2(x))
+
+
+class RTEncoder(nn.Module):
+    """RT-M2F: RT-DETR's hybrid encoder in Mask2Former. 1x1 conv + BN projections of res3..res5,
+    AIFI on `aifi_levels` (the 1/32 map), CCFM (top-down: lateral 1x1 ConvNorm, nearest 2x
+    upsampling, concatenation, CSPRep block; bottom-up: 3x3 stride-2 ConvNorm, concatenation,
+    CSPRep block), then the mask branch on CCFM's 1/8 output: "none" (a 1x1 conv, mask features at
+    1/8: the papers' reading, see above) or M2F's 1/4 branch ("conv", "lpe_*").
+
+    Parameter names are RT-DETR's HybridEncoder's (input_proj, encoder, lateral_convs, fpn_blocks,
+    downsample_convs, pan_blocks; levels highest resolution first), plus mask_branch."""
+
+    name = "rt"  # model.encoder.name
+    num_exits = 0  # one AIFI layer, then a CNN: no stack of layers to stop early in
+
+    def __init__(self, in_channels, *, dim=256, heads=8, ffn_dim=1024, dropout=0.0, mask_branch="none",
+                 aifi_levels=("res5",), aifi_layers=1, aifi_activation="gelu", temperature=10000.0,
+                 pe_official_order=False, csp_blocks=3, expansion=1.0, activation="silu"):
+        super().__init__()
+        levels = LEVELS[::-1]  # res3, res4, res5: RT-DETR's order
+        if not set(aifi_levels) <= set(levels) or len(set(aifi_levels)) != len(aifi_levels):
+            raise ValueError(f"RT-M2F aifi_levels must be distinct names of {', '.join(levels)}, got {aifi_levels}")
+        if aifi_layers < 0 or csp_blocks < 0 or not expansion > 0:
+            raise ValueError(f"RT-M2F needs aifi_layers >= 0, csp_blocks >= 0, expansion > 0; got {aifi_layers}, "
+                             f"{csp_blocks}, {expansion}")
+        if dim % 4:
+            raise ValueError(f"RT-M2F's position embedding needs dim divisible by 4, got {dim}")
+        self.dim, self.temperature, self.pe_official_order = dim, temperature, pe_official_order
+        self.input_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(in_channels[name], dim, kernel_size=1, bias=False), nn.BatchNorm2d(dim))
+            for name in levels
+        )
+        self.aifi_levels = [levels.index(name) for name in aifi_levels]
+        self.encoder = nn.ModuleList(
+            AIFI(aifi_layers, dim=dim, heads=heads, ffn_dim=ffn_dim, dropout=dropout, activation=aifi_activation)
+            for _ in aifi_levels
+        )
+        csp = dict(blocks=csp_blocks, expansion=expansion, act=activation)
+        self.lateral_convs = nn.ModuleList(ConvNorm(dim, dim, 1, act=activation) for _ in levels[1:])
+        self.fpn_blocks = nn.ModuleList(CSPRepBlock(2 * dim, dim, **csp) for _ in levels[1:])
+        self.downsample_convs = nn.ModuleList(ConvNorm(dim, dim, 3, stride=2, act=activation) for _ in levels[1:])
+        self.pan_blocks = nn.ModuleList(CSPRepBlock(2 * dim, dim, **csp) for _ in levels[1:])
+        self.mask_branch = MaskBranch(in_channels["res2"], dim=dim, kind=mask_branch)
+
+    @property
+    def mask_stride(self):
+        return self.mask_branch.stride
+
+    def gate_map(self, features):
+        """The projected 1/32 map before AIFI, (B, dim, h, w)."""
+        return self.input_proj[-1](features["res5"])
+
+    def forward(self, features, exit=None):
+        """features: res2..res5 maps (B, C_l, H_l, W_l). Returns mask_features (B, dim, H/s, W/s)
+        and [1/32, 1/16, 1/8] maps (B, dim, h, w)."""
+        check_exit(self, exit)  # refuses any exit
+        maps = [proj(features[name]) for proj, name in zip(self.input_proj, LEVELS[::-1])]  # 1/8, 1/16, 1/32
+        for level, aifi in zip(self.aifi_levels, self.encoder):
+            maps[level] = self.intra_scale(aifi, maps[level])
+        outs = self.cross_scale(maps)  # 1/8, 1/16, 1/32
+        return self.mask_branch(features["res2"], outs[0]), outs[::-1]
+
+    def intra_scale(self, aifi, x):
+        """AIFI over the tokens of one map (B, C, h, w), with the 2-D sin-cos embedding."""
+        B, C, h, w = x.shape
+        pos = sincos_position_2d(h, w, C, self.temperature, self.pe_official_order, x.device)[None]
+        return aifi(x.flatten(2).transpose(1, 2), pos).transpose(1, 2).reshape(B, C, h, w)
+
+    def cross_scale(self, maps):
+        """CCFM on maps [1/8, 1/16, 1/32] (B, dim, ·): RT-DETR's top-down then bottom-up fusion.
+        The bottom-up path fuses the top-down path's lateral outputs, as RT-DETR's does."""
+        n = len(maps)
+        inner = [maps[-1]]  # the top-down maps, highest resolution first
+        for k, idx in enumerate(range(n - 1, 0, -1)):
+            high = inner[0] = self.lateral_convs[k](inner[0])
+            up = F.interpolate(high, size=maps[idx - 1].shape[-2:], mode="nearest")  # = scale 2 on these maps
+            inner.insert(0, self.fpn_blocks[k](torch.cat([up, maps[idx - 1]], dim=1)))
+        outs = [inner[0]]
+        for k in range(n - 1):
+            down = self.downsample_convs[k](outs[-1])
+            outs.append(self.pan_blocks[k](torch.cat([down, inner[k + 1]], dim=1)))
+        return outs
+
+
 def build_encoder(*, cfg, in_channels):
     """The encoder named by `cfg.name` (an EncoderConfig) for backbone channels `in_channels`
     (a dict res2..res5 -> channels)."""
     common = dict(dim=cfg.dim, heads=cfg.heads, points=cfg.points, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
-                  mask_branch=cfg.mask_branch)
+                  mask_branch=cfg.mask_branch, attention=cfg.attention)
     if cfg.name == "m2f":
         return M2FEncoder(in_channels, layers=cfg.layers, **common)
     if cfg.name == "proscale":
         return ProScaleEncoder(in_channels, depths=cfg.depths, trc=cfg.trc, trc_epsilon=cfg.trc_epsilon,
                                trc_official_layout=cfg.trc_official_layout, **common)
+    if cfg.name == "lite":
+        return LiteEncoder(in_channels, layers=cfg.layers, **common, **vars(cfg.lite))
+    if cfg.name == "rt":  # no deformable attention: points and attention do not apply
+        return RTEncoder(in_channels, dim=cfg.dim, heads=cfg.heads, ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
+                         mask_branch=cfg.mask_branch, **vars(cfg.rt))
     raise ValueError(f"unknown encoder {cfg.name!r}; valid: {', '.join(ENCODERS)}")
 
 
-ENCODERS = ("m2f", "proscale")  # the names build_encoder knows
+ENCODERS = ("m2f", "proscale", "lite", "rt")  # the names build_encoder knows

@@ -1,4 +1,4 @@
-"""Evaluation and cost: PQ / AP / mIoU over a dataset, per-image PQ, GFLOPs, FPS, pictures.
+"""The evaluation commands: a checkpoint on a split, ECO-M2F's sweep, GFLOPs, reports.
 
     python evaluate.py --config CFG --weights CKPT [--exit K | --gate gate.pt] [--out DIR] [--split val]
                        [--max-images N] [--batch-size B] [--device cpu|cuda] [key=value ...]
@@ -21,8 +21,10 @@ plots PQ against GFLOPs (DIR/sweep.png, as its Fig. 5).
 prints the GFLOPs of one H x W image through the eval forward and post-processing, per part
 (backbone, encoder, decoder, postprocess) and in total. No data and no weights are needed.
 
-`image_pq` is the panoptic quality of one image in memory (panopticapi's rules, [0, 1] scale),
-for ECO-M2F's Step B.
+    python evaluate.py report NAME=DIR [NAME=DIR ...] [--out report.md]
+
+tabulates the metrics.json of several evaluations. The measurements themselves are in
+metrics.py (PQ, AP, mIoU, FPS, evaluate_dataset) and flops.py (the FLOP counter).
 """
 import argparse
 import json
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from config import atomic_write_text, load_config
+from config import atomic_write_text, load_config, run_command
 from encoders import check_exit
 from flops import model_flops
 from gate import load_gate
@@ -103,7 +105,50 @@ def model_title(cfg) -> str:
     if e.name == "proscale":
         title = f"PRO-SCALE ({','.join(map(str, e.depths))})" + ("" if e.trc else ", no TRC")
         return title + ("" if e.mask_branch == "lpe_max" else f", {branch}")
+    if e.name == "lite":  # the papers' (5+1)x1 is plain "Lite-M2F"
+        per_block = e.layers // max(e.lite.blocks, 1)
+        title = "Lite-M2F" + ("" if (e.layers, e.lite.blocks) == (6, 1) else f" ({per_block - 1}+1)x{e.lite.blocks}")
+        return title + ("" if e.mask_branch == "conv" else f" + {branch}")
+    if e.name == "rt":  # its mask features are at 1/8 ("none") unless a 1/4 branch is asked for
+        return "RT-M2F" + ("" if e.mask_branch == "none" else f", 1/4 branch with {branch}")
     return e.name.upper() + ("" if e.mask_branch == "conv" else f", {branch}")
+
+
+# The papers' (encoder, total) GFLOPs of each config's model, for the table: PRO-SCALE Tables 1, 2,
+# 3 (C1, C2; encoder only), 4, 5, 6, 7 and ECO-M2F Tables 1, 2 (which repeat the Lite-M2F and RT-M2F
+# figures; ECO-M2F prints Cityscapes M2F as 281.13 / 537.85 and Lite-M2F's total as 428.71).
+# COCO figures are averages over the val images; Cityscapes images all have the table's size.
+PAPER_GFLOPS = {
+    "coco/m2f_swin_t.yaml": (117.00, 234.50), "coco/m2f_r50.yaml": (135.00, 229.10),
+    "coco/proscale_111_swin_t.yaml": (22.89, 137.10), "coco/proscale_222_swin_t.yaml": (39.53, 154.40),
+    "coco/proscale_333_swin_t.yaml": (56.18, 171.70), "coco/proscale_311_swin_t.yaml": (26.87, 138.70),
+    "coco/proscale_131_swin_t.yaml": (32.29, 143.80), "coco/proscale_113_swin_t.yaml": (54.77, 164.70),
+    "coco/proscale_111_r50.yaml": (30.25, 131.40), "coco/proscale_222_r50.yaml": (48.85, 148.80),
+    "coco/proscale_333_r50.yaml": (67.45, 166.10), "coco/proscale_113_r50.yaml": (59.44, 158.60),
+    "coco/lite_m2f_swin_t.yaml": (79.78, 188.00), "coco/lite_m2f_lpe_swin_t.yaml": (43.92, 154.60),
+    "coco/rt_m2f_swin_t.yaml": (59.66, 158.30),
+    "cityscapes/m2f_swin_t.yaml": (281.00, 537.80), "cityscapes/m2f_r50.yaml": (291.00, 524.10),
+    "cityscapes/m2f_swin_s.yaml": (281.00, 724.30), "cityscapes/m2f_swin_b.yaml": (283.00, 1051.20),
+    "cityscapes/m2f_swin_l.yaml": (287.00, 1949.70), "cityscapes/m2f_r101.yaml": (291.00, 679.70),
+    "cityscapes/proscale_111_swin_t.yaml": (55.14, 311.90), "cityscapes/proscale_222_swin_t.yaml": (95.24, 352.00),
+    "cityscapes/proscale_333_swin_t.yaml": (135.00, 392.10), "cityscapes/proscale_311_swin_t.yaml": (57.93, 314.70),
+    "cityscapes/proscale_131_swin_t.yaml": (69.62, 326.30), "cityscapes/proscale_113_swin_t.yaml": (118.00, 374.80),
+    "cityscapes/proscale_111_r50.yaml": (65.21, 298.10), "cityscapes/proscale_222_r50.yaml": (105.00, 338.20),
+    "cityscapes/proscale_333_r50.yaml": (145.00, 378.30), "cityscapes/proscale_333_swin_s.yaml": (135.00, 578.50),
+    "cityscapes/proscale_333_swin_b.yaml": (137.00, 905.40), "cityscapes/proscale_333_swin_l.yaml": (141.00, 1803.90),
+    "cityscapes/proscale_333_r101.yaml": (145.00, 533.90),
+    "cityscapes/ablation_c1_m2f_no_res2_swin_t.yaml": (132.00, None),
+    "cityscapes/ablation_c2_proscale_111_conv_swin_t.yaml": (73.49, None),
+    "cityscapes/lite_m2f_swin_t.yaml": (172.00, 428.70), "cityscapes/lite_m2f_lpe_swin_t.yaml": (94.69, 351.40),
+    "cityscapes/rt_m2f_swin_t.yaml": (130.00, 361.10),
+}
+
+
+def paper_gflops(path):
+    """{"encoder", "total"} the papers give for the model of config `path` (None where they give
+    no figure), or None for a model they do not report."""
+    figures = PAPER_GFLOPS.get(f"{Path(path).parent.name}/{Path(path).name}")
+    return None if figures is None else dict(zip(("encoder", "total"), figures))
 
 
 def flops_configs(root=Path(__file__).resolve().parent / "configs"):
@@ -123,25 +168,30 @@ def flops_configs(root=Path(__file__).resolve().parent / "configs"):
 
 
 def flops_table(complete=False):
-    """Rows (group, model, size, gflops dict) of every config, counted on the meta device."""
+    """Rows (group, model, size, gflops dict, the papers' figures or None) of every config, counted
+    on the meta device."""
     rows = []
     for group, title, size, path in flops_configs():
         with torch.device("meta"):
             model = build_model(load_config(path))
-        rows.append((group, title, size, model_flops(model, *size, complete=complete)))
+        rows.append((group, title, size, model_flops(model, *size, complete=complete), paper_gflops(path)))
     return rows
 
 
 def print_flops_table(rows):
-    """Markdown: encoder and total GFLOPs with the change against each group's first row."""
-    print("| dataset, backbone | model | size | encoder GFLOPs | encoder, papers' column | total GFLOPs |")
-    print("|---|---|---|---|---|---|")
+    """Markdown: encoder and total GFLOPs with the change against each group's first row, then
+    the papers' encoder and total figures ("-" where they give none)."""
+    print("| dataset, backbone | model | size | encoder GFLOPs | encoder, papers' column | total GFLOPs "
+          "| paper: encoder | paper: total |")
+    print("|---|---|---|---|---|---|---|---|")
     reference = {}
-    for group, name, size, g in rows:
+    for group, name, size, g, paper in rows:
         ref = reference.setdefault(group, g)
         change = lambda part: "" if g is ref else f" ({100 * (g[part] / ref[part] - 1):+.2f}%)"  # noqa: E731
+        figure = lambda part: "-" if paper is None or paper[part] is None else f"{paper[part]:.2f}"  # noqa: E731
         print(f"| {group} | {name} | {size[0]}x{size[1]} | {g['encoder']:.2f}{change('encoder')} | "
-              f"{g['encoder_papers']:.2f} | {g['total']:.2f}{change('total')} |")
+              f"{g['encoder_papers']:.2f} | {g['total']:.2f}{change('total')} | {figure('encoder')} | "
+              f"{figure('total')} |")
 
 
 def flops_parser():
@@ -149,7 +199,8 @@ def flops_parser():
                                      description="GFLOPs of one image of a given size (no data, no weights).")
     parser.add_argument("--config", help="YAML config (not with --table)")
     parser.add_argument("--table", action="store_true",
-                        help="M2F and every PRO-SCALE configuration at the papers' sizes, side by side")
+                        help="every model config (M2F, PRO-SCALE, Lite-M2F, RT-M2F) at the papers' sizes, beside "
+                             "the papers' figures")
     parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[800, 1088],
                         help="image height and width (default 800 1088, COCO's test size for 4:3 images)")
     parser.add_argument("--exit", type=int, default=None, help="encoder exit k (default: all layers)")
@@ -176,6 +227,8 @@ def eval_parser():
                              "or eval_<split>_gate_<gate file stem>)")
     add_evaluation_options(parser, vis=4)
     parser.add_argument("--no-flops", action="store_true", help="do not count GFLOPs")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an evaluation of other weights or another config in --out")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     return parser
 
@@ -197,7 +250,8 @@ def run_flops(args):
     if args.table:
         rows = flops_table(args.complete)
         if args.json:
-            print(json.dumps([{"group": g, "model": n, "size": list(s), "gflops": f} for g, n, s, f in rows]))
+            print(json.dumps([{"group": g, "model": n, "size": list(s), "gflops": f, "paper": p}
+                              for g, n, s, f, p in rows]))
         else:
             print_flops_table(rows)
         return
@@ -224,19 +278,22 @@ def load_model_and_gate(cfg, args, gate_paths=()):
 
 def run_eval(args):
     cfg = load_config(args.config, args.overrides)
+    with torch.device("meta"):  # shapes only, in a moment: refuse a wrong --exit before any loading
+        check_exit(build_model(cfg).encoder, args.exit, "--exit")
     dataset, model, gates = load_model_and_gate(cfg, args, [args.gate] if args.gate else [])
-    check_exit(model.encoder, args.exit, "--exit")
     gate = gates[0] if gates else None
     if gate is not None:
         suffix = f"_gate_{Path(args.gate).stem}"
     else:
         suffix = "" if args.exit is None else f"_exit{args.exit}"
     out = args.out or Path(args.weights).parent / f"eval_{args.split}{suffix}"
+    source = evaluation_source(cfg, args.weights)
+    check_evaluation_folder(out, source, args.overwrite)
     metrics = evaluate_dataset(model, dataset, out, batch_size=args.batch_size, exit=args.exit, gate=gate,
                                max_images=args.max_images, device=args.device, amp=args.amp,
                                workers=cfg.data.workers if args.workers is None else args.workers,
                                vis_images=args.vis, fps_images=args.fps_images, flops=not args.no_flops,
-                               source=evaluation_source(cfg, args.weights))
+                               source=source)
     print_metrics(metrics, out)
     return metrics
 
@@ -262,7 +319,10 @@ def run_report(args):
         path = Path(folder) / "metrics.json"
         if not path.exists():
             raise SystemExit(f"report: {path} does not exist (run evaluate.py first)")
-        m = json.loads(path.read_text())
+        try:
+            m = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a metrics file ({e})") from None
         encoder = (m.get("GFLOPs_parts") or {}).get("encoder")
         cells = [m.get(k) for k in ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")] + [encoder, m.get("GFLOPs"), m.get("FPS")]
         lines.append(f"| {name} | " + " | ".join(_cell(v) for v in cells) + " |")
@@ -481,6 +541,8 @@ def sweep_parser():
     parser.add_argument("--gates", nargs="+", default=[], help="gate files from gate.py (one per β)")
     parser.add_argument("--out", required=True, help="output folder")
     add_evaluation_options(parser, vis=0)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace rows evaluated with other weights or another config in --out")
     parser.add_argument("--reuse", action="store_true",
                         help="keep a row whose folder already has a matching metrics.json instead of evaluating again")
     parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
@@ -495,6 +557,21 @@ def evaluation_source(cfg, weights) -> dict:
     stat = Path(weights).stat()
     return {"weights": str(Path(weights).resolve()), "weights_size": stat.st_size, "weights_mtime": stat.st_mtime,
             "config": config_to_dict(cfg)}
+
+
+def check_evaluation_folder(folder, source, overwrite):
+    """An evaluation folder already holding the results of other weights or another config is
+    replaced only with --overwrite (the same source may be evaluated again: same results)."""
+    path = Path(folder) / "metrics.json"
+    if overwrite or not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text()).get("source")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        recorded = "unreadable"
+    if recorded != json.loads(json.dumps(source)):
+        raise FileExistsError(f"{path}: holds an evaluation of other weights or another config; pass --overwrite "
+                              "to replace it, or choose another --out")
 
 
 def _reusable(folder, images, exit, gate, source):
@@ -542,6 +619,8 @@ def run_sweep(args):
     out = Path(args.out)
     runs = sweep_runs(args, model, gates, out)
     source = evaluation_source(cfg, args.weights)
+    for run in runs:  # before anything is evaluated
+        check_evaluation_folder(run[3], source, args.overwrite)
     images = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     rows = []
     for name, exit, gate, folder, gate_path in runs:
@@ -583,4 +662,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

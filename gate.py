@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 import data
-from config import atomic_save, load_config, load_weights
+from config import atomic_save, load_config, load_weights, run_command
 from encoders import check_exit
 from model import build_model
 
@@ -248,6 +248,7 @@ def parse_args(argv=None):
     parser.add_argument("--loss", choices=LOSSES, help="gate loss (default gate.loss, hard-ce)")
     parser.add_argument("--exits", type=int, nargs="+", help="exits the gate chooses among (default gate.exits)")
     parser.add_argument("--out", required=True, help="where to write gate.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing gate file at --out")
     parser.add_argument("--cache", help="cache of the gate inputs (default <derived>.gate_inputs.pt)")
     parser.add_argument("--split", default="train", help="the split the derived set was made on")
     parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
@@ -258,10 +259,12 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.device = data.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     beta = cfg.gate.beta if args.beta is None else args.beta
     loss = args.loss or cfg.gate.loss
     args.exits = sorted(args.exits or cfg.gate.exits)
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out}: a gate file is already there; pass --overwrite to replace it")
     if loss not in LOSSES:
         raise ValueError(f"{args.config}: gate.loss {loss!r} is not one of {', '.join(LOSSES)}")
     image_ids, derived_exits, q_all = read_derived(args.derived)
@@ -282,4 +285,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

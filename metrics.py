@@ -1,4 +1,6 @@
-"""Quality: panoptic quality per image and over files, mask AP, mIoU, and a whole evaluation.
+"""Quality: panoptic quality per image and over files, mask AP, mIoU, FPS, pictures, and the
+evaluation of a whole split (`evaluate_dataset`, used by evaluate.py and by train.py's periodic
+evaluation; `image_pq` is ECO-M2F's Step B score).
 """
 import io
 import json
@@ -16,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
 from config import atomic_write_text, load_weights
-from data import build_dataset, check_classes, collate, ids_to_rgb, read_panoptic_png
+from data import build_dataset, check_classes, check_device, collate, ids_to_rgb, read_panoptic_png
 from encoders import check_exit
 from flops import average_gflops
 from model import autocast, build_model
@@ -539,6 +541,7 @@ def evaluate_dataset(model, dataset, out_dir, *, batch_size=1, exit=None, gate=N
 def load_evaluation(cfg, config_path, weights, split, device):
     """The test-time dataset of `split` and the model of `cfg` with `weights` (strict), on
     `device`, checked against each other (classes) and against the config (weights)."""
+    device = check_device(device)
     dataset = build_dataset(cfg.data, split=split, train=False)
     check_classes(dataset, cfg.model, config_path)
     model = build_model(cfg)

@@ -1,11 +1,12 @@
 """Mask2Former (Cheng et al., 2022): backbone -> encoder -> masked-attention decoder -> masks.
 
 Read top to bottom: backbones, the transformer decoder, the Hungarian matcher and set criterion,
-post-processing, the meta-architecture, `build_model`. The encoders are in encoders.py.
+post-processing, the meta-architecture (with ECO-M2F's gate input and gated forward),
+`build_model`. The encoders are in encoders.py, the gate in gate.py.
 
 Parameter shapes and packing follow the official detectron2 models (for example the packed
 q/k/v in-projection of the decoder's attention), so an official checkpoint needs only a name
-mapping (`convert_official_state_dict`).
+mapping (config.convert_official_state_dict).
 """
 import math
 from contextlib import nullcontext

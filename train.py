@@ -26,7 +26,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
-from config import atomic_save, config_from_dict, config_to_dict, load_config, load_weights, save_config
+from config import (atomic_save, config_from_dict, config_to_dict, load_config, load_weights, run_command,
+                    save_config)
 from data import distributed, setup_distributed
 from encoders import check_exit
 from metrics import evaluate_dataset
@@ -369,9 +370,24 @@ def main(argv=None):
     if args.resume and (args.init or args.overwrite):
         parser.error("--resume excludes --init and --overwrite")
     cfg = load_config(args.config, args.overrides)
-    train(cfg, args.out or Path("runs") / Path(args.config).stem, resume=args.resume, init=args.init,
-          overwrite=args.overwrite)
+    out = Path(args.out or Path("runs") / Path(args.config).stem)
+    try:
+        train(cfg, out, resume=args.resume, init=args.init, overwrite=args.overwrite)
+    except KeyboardInterrupt:
+        print_resume_hint(out, args)
+        return 130
+
+
+def print_resume_hint(out, args):
+    """After Ctrl-C: the last checkpoint's iteration and the command that continues from it."""
+    path = out / "checkpoint.pt"
+    if not path.is_file():
+        print(f"\ninterrupted before the first checkpoint of {out}: nothing to resume", file=sys.stderr)
+        return
+    step = torch.load(path, map_location="cpu", weights_only=True)["step"]
+    command = " ".join(["python train.py --config", args.config, "--out", str(out), "--resume", *args.overrides])
+    print(f"\ninterrupted; {path} holds iteration {step}. Continue with:\n  {command}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_command(main))

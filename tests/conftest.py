@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(2)
 
-import data  # noqa: E402  (after the path)
+from synthetic import write_synthetic  # noqa: E402  (after the path)
 
 TINY = str(ROOT / "configs/demo/m2f_tiny.yaml")
 
@@ -36,7 +36,7 @@ def official_keys():
 def synthetic(tmp_path_factory):
     """A small synthetic dataset under <root>/synthetic: 8 train and 2 val images of 64x64."""
     root = tmp_path_factory.mktemp("datasets")
-    data.write_synthetic(root / "synthetic", train=8, val=2, size=64, seed=0)
+    write_synthetic(root / "synthetic", train=8, val=2, size=64, seed=0)
     return root
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import data
+import synthetic
 from config import DataConfig, SplitConfig, load_config
 from conftest import COCO_SAMPLE, ROOT
 from data import DataError, PanopticDataset
@@ -28,7 +29,7 @@ def coco():
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    data.write_synthetic(out, train=200, val=20, size=128, seed=0)
+    synthetic.write_synthetic(out, train=200, val=20, size=128, seed=0)
     return out
 
 
@@ -171,7 +172,7 @@ def tree_hashes(root):
 
 def test_synthetic_deterministic(tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
-        data.write_synthetic(tmp_path / name, train=6, val=2, size=48, seed=seed)
+        synthetic.write_synthetic(tmp_path / name, train=6, val=2, size=48, seed=seed)
     a, b, c = (tree_hashes(tmp_path / name) for name in "abc")
     assert len(a) == 2 * 2 + 3 * 8 and a == b
     assert a.keys() == c.keys() and a != c
@@ -179,7 +180,7 @@ def test_synthetic_deterministic(tmp_path):
 
 
 def test_synthetic_cli_non_square(tmp_path):
-    data.main(["synth", "--out", str(tmp_path), "--train", "2", "--val", "1", "--size", "40", "64"])
+    synthetic.main(["--out", str(tmp_path), "--train", "2", "--val", "1", "--size", "40", "64"])
     ds = PanopticDataset(SYNTH_SPLIT["val"], tmp_path)
     assert ds[0]["image"].shape == (3, 40, 64)
 
@@ -380,7 +381,7 @@ def test_loader_workers_give_the_same_batches(synth):
 @pytest.fixture
 def small(tmp_path):
     """A 3-image synthetic split to break in various ways; returns (root, split, json dict)."""
-    data.write_synthetic(tmp_path, train=3, val=0, size=32, seed=1)
+    synthetic.write_synthetic(tmp_path, train=3, val=0, size=32, seed=1)
     return tmp_path, SYNTH_SPLIT["train"], json.loads((tmp_path / "train/panoptic.json").read_text())
 
 

@@ -12,6 +12,7 @@ import torch
 from panopticapi.evaluation import pq_compute, pq_compute_multi_core
 
 import data
+import synthetic
 import derive
 from metrics import evaluate_dataset
 import model as model_module
@@ -44,7 +45,7 @@ def case(tmp_path_factory):
     threshold off, each image is split into stuff segments that sometimes match the ground truth.
     """
     tmp = tmp_path_factory.mktemp("derive")
-    data.write_synthetic(tmp / "synthetic", train=6, val=2, size=64, seed=0)
+    synthetic.write_synthetic(tmp / "synthetic", train=6, val=2, size=64, seed=0)
     overrides = [f"data.root={tmp}", "data.test_short_side=64", "data.test_max_size=128", "data.workers=0",
                  "model.inference.overlap_threshold=0.0"]
     torch.manual_seed(5)

@@ -15,6 +15,7 @@ from PIL import Image
 
 import evaluate
 import flops
+import synthetic
 from metrics import METRIC_KEYS, evaluate_dataset
 from conftest import ROOT
 
@@ -30,7 +31,7 @@ def eco(tmp_path_factory):
     from model import build_model
 
     tmp = tmp_path_factory.mktemp("eco")
-    data.write_synthetic(tmp / "synthetic", train=4, val=4, size=64, seed=0)
+    synthetic.write_synthetic(tmp / "synthetic", train=4, val=4, size=64, seed=0)
     overrides = [f"data.root={tmp}", "data.test_short_side=64", "data.test_max_size=128", "data.workers=0"]
     cfg = load_config(TINY, overrides)
     torch.manual_seed(0)

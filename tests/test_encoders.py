@@ -11,7 +11,8 @@ from model import build_model
 
 # The tiny demo model with each encoder; an encoder needs an entry here only when its defaults
 # are too large for a CPU test.
-SETTINGS = {"proscale": ["model.encoder.depths=[1,1,1]", "model.encoder.mask_branch=lpe_max"]}
+SETTINGS = {"proscale": ["model.encoder.depths=[1,1,1]", "model.encoder.mask_branch=lpe_max"],
+            "rt": ["model.encoder.mask_branch=none"]}  # the papers' reading: mask features at 1/8
 
 
 def tiny_model(name, *extra):

@@ -11,6 +11,7 @@ from panopticapi.evaluation import pq_compute
 
 import evaluate
 import flops
+import synthetic
 import metrics as quality  # the tests call their results `metrics`
 from metrics import METRIC_KEYS, evaluate_dataset
 from metrics import image_pq
@@ -325,10 +326,8 @@ class OracleModel(torch.nn.Module):
         return results
 
 
-def synthetic(tmp_path, val, size=64):
-    import data
-
-    data.write_synthetic(tmp_path / "synth", train=0, val=val, size=size, seed=1)
+def synthetic_split(tmp_path, val, size=64):
+    synthetic.write_synthetic(tmp_path / "synth", train=0, val=val, size=size, seed=1)
     return tmp_path / "synth"
 
 
@@ -337,7 +336,7 @@ def test_perfect_predictions_score_100(tmp_path, instances):
     import data
     from config import DataConfig, SplitConfig
 
-    root = synthetic(tmp_path, val=4)
+    root = synthetic_split(tmp_path, val=4)
     # One thing segment becomes a crowd region: the oracle still predicts it, and neither PQ
     # (its prediction lies on its own crowd) nor AP (a detection of a crowd is ignored) may suffer.
     panoptic = json.loads((root / "val/panoptic.json").read_text())
@@ -370,7 +369,7 @@ def test_a_wrong_prediction_scores_less(tmp_path):
     import data
     from config import DataConfig, SplitConfig
 
-    root = synthetic(tmp_path, val=2)
+    root = synthetic_split(tmp_path, val=2)
     cfg = DataConfig(root=str(root), val=SplitConfig("val/images", "val/panoptic", "val/panoptic.json"),
                      test_short_side=64, test_max_size=128)
     dataset = data.build_dataset(cfg, split="val", train=False)
@@ -416,7 +415,7 @@ def save_weights(path, overrides=()):
 def test_eval_command_end_to_end(tmp_path, capsys):
     from conftest import ROOT
 
-    root = synthetic(tmp_path, val=2, size=64)
+    root = synthetic_split(tmp_path, val=2, size=64)
     weights = save_weights(tmp_path / "tiny.pt")
     out = tmp_path / "eval"
     evaluate.main(["--config", str(ROOT / TINY), "--weights", str(weights), "--out", str(out), "--device", "cpu",
@@ -444,7 +443,7 @@ def test_eval_command_end_to_end(tmp_path, capsys):
 def test_eval_command_bad_weights(tmp_path):
     from conftest import ROOT
 
-    root = synthetic(tmp_path, val=1, size=32)
+    root = synthetic_split(tmp_path, val=1, size=32)
     args = ["--config", str(ROOT / TINY), "--device", "cpu", "--out", str(tmp_path / "eval"),
             *data_overrides(root, 32)]
     missing = tmp_path / "nowhere.pt"
@@ -464,7 +463,7 @@ def test_eval_command_bad_weights(tmp_path):
 def test_eval_command_rejects_a_config_for_other_classes(tmp_path):
     from conftest import ROOT
 
-    root = synthetic(tmp_path, val=1, size=32)
+    root = synthetic_split(tmp_path, val=1, size=32)
     weights = save_weights(tmp_path / "tiny.pt")
     with pytest.raises(ValueError, match="num_classes"):
         evaluate.main(["--config", str(ROOT / TINY), "--weights", str(weights), "--device", "cpu",

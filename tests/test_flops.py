@@ -321,8 +321,15 @@ def test_papers_encoder_column_leaves_out_the_mask_branch_upsampling():
 
 
 def test_flops_table_covers_every_row(capsys):
-    """`evaluate.py flops --table`: M2F first in every group, then its PRO-SCALE rows."""
+    """`evaluate.py flops --table`: M2F first in every group, then its other rows, each beside the
+    papers' encoder and total ("-" where they give none)."""
     evaluate.main(["flops", "--table"])
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + len(evaluate.flops_configs())
-    assert "| Cityscapes, Swin-L | PRO-SCALE (3,3,3) | 1024x2048 | 141.52 (-50.74%) | 141.39 |" in "\n".join(lines)
+    text = "\n".join(lines)
+    assert ("| Cityscapes, Swin-L | PRO-SCALE (3,3,3) | 1024x2048 | 141.52 (-50.74%) | 141.39 | 1803.93 (-7.48%) "
+            "| 141.00 | 1803.90 |") in text
+    assert ("| Cityscapes, Swin-T | Lite-M2F | 1024x2048 | 172.13 (-38.80%) | 171.99 | 428.72 (-20.29%) "
+            "| 172.00 | 428.70 |") in text
+    assert ("| Cityscapes, Swin-T | M2F, no res2 | 1024x2048 | 193.82 (-31.09%) | 193.82 | 425.24 (-20.94%) "
+            "| 132.00 | - |") in text  # the papers give C1's encoder only

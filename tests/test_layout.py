@@ -12,6 +12,7 @@ ALLOWED = {
     "encoders": {"msda"},
     "model": {"encoders", "msda", "config"},
     "data": {"config"},
+    "synthetic": {"config", "data"},
     "metrics": {"config", "data", "encoders", "flops", "model", "msda"},
     "gate": {"config", "data", "encoders", "model", "msda"},
     "train": {"config", "data", "encoders", "metrics", "model", "flops", "msda"},
@@ -39,6 +40,6 @@ def test_every_module_imports_only_modules_below_it():
         assert not wrong, f"{name}.py imports {sorted(wrong)}"
 
 
-def test_no_module_over_about_800_lines():
+def test_no_module_over_800_lines():
     sizes = {p.name: len(p.read_text().splitlines()) for p in ROOT.glob("*.py")}
-    assert max(sizes.values()) <= 860, sizes
+    assert max(sizes.values()) <= 800, sizes

@@ -128,7 +128,7 @@ def test_bad_exit_is_an_error():
 
 def test_config_inheritance_and_overrides(tmp_path):
     base = tmp_path / "base.yaml"
-    base.write_text("model:\n  num_classes: 7\n  encoder: {layers: 2, dim: 64}\n")
+    base.write_text("model:\n  num_classes: 7\n  thing_classes: [0, 1]\n  encoder: {layers: 2, dim: 64}\n")
     child = tmp_path / "sub" / "child.yaml"
     child.parent.mkdir()
     child.write_text("_base_: ../base.yaml\nmodel:\n  encoder: {layers: 4}\n")

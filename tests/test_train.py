@@ -49,12 +49,22 @@ def test_killed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary files left
 
 
-@pytest.mark.parametrize("setting, message", [
-    ("model.loss.no_object_weight", "loss is nan at iteration 0"),  # a NaN loss
-    ("model.loss.class_weight", "non-finite matching cost.* at iteration 0"),  # NaN reaches the matcher first
+@pytest.mark.parametrize("where, message", [
+    ("loss", "loss is nan at iteration 0"),  # a NaN loss
+    ("matching", "non-finite matching cost.* at iteration 0"),  # NaN reaches the matcher first
 ])
-def test_non_finite_loss_stops_with_a_clear_message(synthetic, tmp_path, setting, message):
-    cfg = load_config(CONFIG, overrides(synthetic, **{"train.iterations": 2, setting: "nan"}))
+def test_non_finite_loss_stops_with_a_clear_message(synthetic, tmp_path, monkeypatch, where, message):
+    """NaN from the network (a NaN weight in the config is refused before: test_config_values_are_validated)."""
+    import model
+
+    if where == "loss":
+        original = model.SetCriterion.forward
+        monkeypatch.setattr(model.SetCriterion, "forward",
+                            lambda self, *a: {k: v * float("nan") for k, v in original(self, *a).items()})
+    else:
+        original = model.HungarianMatcher.cost_matrix
+        monkeypatch.setattr(model.HungarianMatcher, "cost_matrix", lambda self, *a: original(self, *a) * float("nan"))
+    cfg = load_config(CONFIG, overrides(synthetic, **{"train.iterations": 2}))
     with pytest.raises(FloatingPointError, match=message):
         train.train(cfg, tmp_path / "run")
 
