@@ -370,7 +370,6 @@ class ProScaleEncoder(nn.Module):
     """
 
     name = "proscale"  # model.encoder.name
-    num_exits = 0  # its stages see different token sets: no early exits (yet)
 
     def __init__(self, in_channels, *, depths=(3, 3, 3), dim=256, heads=8, points=4, ffn_dim=1024, dropout=0.0,
                  mask_branch="lpe_max", trc=True, trc_epsilon=0.1, trc_official_layout=False, attention="torch"):
@@ -396,14 +395,41 @@ class ProScaleEncoder(nn.Module):
     def mask_stride(self):
         return self.mask_branch.stride
 
+    @property
+    def num_exits(self):
+        """Exits inside the last stage: exit k stops after its k-th layer (adaptive depth on top of
+        token scaling, which neither paper has). Stages 1 and 2 always run: they see other token
+        sets, and the decoder needs all three levels."""
+        return self.depths[2]
+
     def gate_map(self, features):
         """The projected 1/32 map before any layer, (B, dim, h, w)."""
         return self.input_proj.proj[0](features[LEVELS[0]])
 
     def forward(self, features, exit=None):
-        """features: res2..res5 maps (B, C_l, H_l, W_l). Returns mask_features (B, dim, H/4, W/4)
-        and [1/32, 1/16, 1/8] maps (B, dim, h, w)."""
-        check_exit(self, exit)  # refuses any exit
+        """features: res2..res5 maps (B, C_l, H_l, W_l); exit: None | int | LongTensor (B,), a layer
+        of stage 3. Returns mask_features (B, dim, H/4, W/4) and [1/32, 1/16, 1/8] maps (B, dim, h, w)."""
+        exit = check_exit(self, exit)
+        x, shapes, pos, ref = self.first_stages(features)
+        if torch.is_tensor(exit):
+            exit = exit.to(device=x.device, dtype=torch.long).expand(x.shape[0])  # (B,)
+        x = run_layers(self.layers[sum(self.depths[:2]):], x, exit, pos, ref, shapes)
+        return self.finish(x, shapes, features)
+
+    def forward_exits(self, features, exits):
+        """One pass, read out after each stage-3 layer in `exits`: exit -> (mask_features, multi_scale)."""
+        wanted = sorted(set(check_exit(self, list(exits), "exits")))
+        x, shapes, pos, ref = self.first_stages(features)
+        results = {}
+        for depth, layer in enumerate(self.layers[sum(self.depths[:2]):][: wanted[-1]], start=1):
+            x = layer(x, pos, ref, shapes)
+            if depth in wanted:
+                results[depth] = self.finish(x, shapes, features)
+        return results
+
+    def first_stages(self, features):
+        """Stages 1 and 2 (PRO-SCALE Eqs. 1-2, with TRC) and the stage-3 input [stage-2 output, raw
+        1/8 tokens] (Eq. 3): tokens (B, S, dim), level shapes, positions (1, S, dim), references (1, S, 2)."""
         maps = self.input_proj([features[name] for name in LEVELS])
         tokens, shapes = flatten_maps(maps)  # (B, S, dim)
         pos = self.input_proj.position(shapes, tokens.device)  # (1, S, dim)
@@ -413,12 +439,16 @@ class ProScaleEncoder(nn.Module):
             s32 = self.trc(s32, shapes[0], s8, shapes[2])
             s16 = self.trc(s16, shapes[1], s8, shapes[2])
         x, layers = s32, iter(self.layers)
-        for stage, (depth, new_tokens) in enumerate(zip(self.depths, (None, s16, s8))):
+        for stage, new_tokens in enumerate((None, s16)):
             if new_tokens is not None:
                 x = torch.cat([x, new_tokens], dim=1)  # the sequence grows by the next level
             n = x.shape[1]
-            for _ in range(depth):
+            for _ in range(self.depths[stage]):
                 x = next(layers)(x, pos[:, :n], ref[:, :n], shapes[: stage + 1])
+        return torch.cat([x, s8], dim=1), shapes, pos, ref
+
+    def finish(self, x, shapes, features):
+        """Stage-3 tokens -> (mask_features, [1/32, 1/16, 1/8] maps)."""
         multi_scale = unflatten_tokens(x, shapes)
         return self.mask_branch(features["res2"], multi_scale[-1]), multi_scale
 

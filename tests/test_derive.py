@@ -232,7 +232,7 @@ def test_bad_inputs(case, reference, tmp_path):
         run(case, out)
 
     out.unlink()
-    proscale = [*case["overrides"], "model.encoder.name=proscale"]
+    proscale = [*case["overrides"], "model.encoder.name=proscale", "model.encoder.depths=[1,1,0]"]  # no stage-3 exits
     weights = tmp_path / "proscale.pt"
     torch.save({"model": build_model(load_config(CONFIG, proscale)).state_dict()}, weights)
     with pytest.raises(ValueError, match="encoder 'proscale' has no exits"):

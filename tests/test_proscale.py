@@ -160,6 +160,34 @@ def test_flops_shrink_by_the_removed_layers_and_conv():
     assert encoder_flops(proscale((1, 1, 1))) - cost[(1, 1, 1)] == trc_cost
 
 
-def test_exits_are_refused():
+@torch.no_grad()
+def test_exits_lie_inside_the_last_stage():
+    """Exit k stops after the k-th stage-3 layer; stages 1 and 2 always run. A bug that counted
+    exits over all layers would make exit 2 of (1, 1, 3) stop inside stage 2 (and change the maps)."""
+    enc, feats = proscale((1, 1, 3)), features()
+    assert enc.num_exits == 3
+    full = enc(feats)
+    torch.testing.assert_close(enc(feats, exit=3)[0], full[0], rtol=0, atol=0)
+    short = proscale((1, 1, 2))
+    short.load_state_dict({k: v for k, v in enc.state_dict().items() if not k.startswith("layers.4.")})
+    torch.testing.assert_close(enc(feats, exit=2)[0], short(feats)[0], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="must be in 1..3"):
+        enc(feats, exit=4)
     with pytest.raises(ValueError, match="no early exits"):
-        proscale((1, 1, 1))(features(), exit=1)
+        proscale((1, 1, 0))(feats, exit=1)
+
+
+@torch.no_grad()
+def test_a_batch_with_mixed_stage_3_exits_equals_one_image_at_a_time():
+    """ECO-M2F on PRO-SCALE: per-image exits in one batch give each image what it gets alone, and
+    forward_exits' single pass equals forward(exit=k)."""
+    enc, feats = proscale((1, 1, 3)), features(batch=3)
+    exits = torch.tensor([3, 1, 2])
+    mask, _ = enc(feats, exit=exits)
+    for b, k in enumerate(exits.tolist()):
+        alone, _ = enc({n: v[b: b + 1] for n, v in feats.items()}, exit=k)
+        torch.testing.assert_close(mask[b: b + 1], alone, rtol=0, atol=1e-5)
+    one_pass = enc.forward_exits(feats, [1, 2, 3])
+    for k in (1, 2, 3):
+        torch.testing.assert_close(one_pass[k][0], enc(feats, exit=k)[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(one_pass[1][0], one_pass[3][0], atol=1e-4)
