@@ -561,10 +561,11 @@ def sincos_position_2d(height, width, dim=256, temperature=10000.0, official_ord
     return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], dim=1)
 
 
-class PackedAttention(nn.Module):
-    """Multi-head attention with nn.MultiheadAttention's parameters (in_proj_weight, in_proj_bias,
-    out_proj) and init, computed with F.linear and F.scaled_dot_product_attention (which the FLOP
-    counter sees; nn.MultiheadAttention hides its ops from it)."""
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with nn.MultiheadAttention's packed q/k/v parameters (in_proj_weight,
+    in_proj_bias, out_proj) and init, computed with F.linear and F.scaled_dot_product_attention
+    (which the FLOP counter sees; nn.MultiheadAttention hides its ops from it). `allowed`
+    (B, Lq, Lk) bool: True where a query may look. RT-M2F's AIFI and the decoder use it."""
 
     def __init__(self, *, dim, heads, dropout=0.0):
         super().__init__()
@@ -575,12 +576,13 @@ class PackedAttention(nn.Module):
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
-    def forward(self, query, key, value):
+    def forward(self, query, key, value, allowed=None):
         """query (B, Lq, C), key and value (B, Lk, C) -> (B, Lq, C)."""
         B, Lq, C = query.shape
         q, k, v = (F.linear(x, w, b).view(B, x.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, L, C/heads)
                    for x, w, b in zip((query, key, value), self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)))
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        mask = None if allowed is None else allowed[:, None]  # the same mask for every head
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.out_proj(out.transpose(1, 2).reshape(B, Lq, C))
 
 
@@ -589,7 +591,7 @@ class AIFILayer(nn.Module):
 
     def __init__(self, *, dim=256, heads=8, ffn_dim=1024, dropout=0.0, activation="gelu"):
         super().__init__()
-        self.self_attn = PackedAttention(dim=dim, heads=heads, dropout=dropout)
+        self.self_attn = MultiheadAttention(dim=dim, heads=heads, dropout=dropout)
         self.linear1 = nn.Linear(dim, ffn_dim)
         self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(ffn_dim, dim)

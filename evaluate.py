@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from config import atomic_write_text, load_config, run_command
+from config import atomic_write_text, config_to_dict, load_config, run_command
 from encoders import check_exit
 from flops import model_flops
 from gate import load_gate
@@ -551,12 +551,21 @@ def sweep_parser():
 
 def evaluation_source(cfg, weights) -> dict:
     """What an evaluation was made from, stored in its metrics.json: the weights file (path, size,
-    modification time) and the whole resolved config. `sweep --reuse` reuses only an exact match."""
-    from config import config_to_dict
-
+    modification time) and the whole resolved config, as JSON reads it back (so that a stored
+    source compares equal). `sweep --reuse` reuses only an exact match."""
     stat = Path(weights).stat()
-    return {"weights": str(Path(weights).resolve()), "weights_size": stat.st_size, "weights_mtime": stat.st_mtime,
-            "config": config_to_dict(cfg)}
+    source = {"weights": str(Path(weights).resolve()), "weights_size": stat.st_size,
+              "weights_mtime": stat.st_mtime, "config": config_to_dict(cfg)}
+    return json.loads(json.dumps(source))
+
+
+def stored_metrics(folder):
+    """folder/metrics.json as a dict; None when it is missing or broken (then never trusted)."""
+    try:
+        metrics = json.loads((Path(folder) / "metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def check_evaluation_folder(folder, source, overwrite):
@@ -565,11 +574,7 @@ def check_evaluation_folder(folder, source, overwrite):
     path = Path(folder) / "metrics.json"
     if overwrite or not path.is_file():
         return
-    try:
-        recorded = json.loads(path.read_text()).get("source")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        recorded = "unreadable"
-    if recorded != json.loads(json.dumps(source)):
+    if (stored_metrics(folder) or {}).get("source") != source:
         raise FileExistsError(f"{path}: holds an evaluation of other weights or another config; pass --overwrite "
                               "to replace it, or choose another --out")
 
@@ -577,14 +582,8 @@ def check_evaluation_folder(folder, source, overwrite):
 def _reusable(folder, images, exit, gate, source):
     """The metrics in folder/metrics.json if they are those of this row (same source, number of
     images, exit or gate description, GFLOPs counted), else None."""
-    path = Path(folder) / "metrics.json"
-    if not path.is_file():
-        return None
-    try:
-        metrics = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None  # a broken file is evaluated again, never trusted
-    same = (metrics.get("source") == json.loads(json.dumps(source)) and metrics.get("images") == images
+    metrics = stored_metrics(folder)
+    same = (metrics is not None and metrics.get("source") == source and metrics.get("images") == images
             and metrics.get("GFLOPs") is not None
             and metrics.get("exit") == ("gate" if gate is not None else exit)
             and (gate is None or metrics.get("gate") == gate_description(gate)))

@@ -17,7 +17,7 @@ import torchvision
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from encoders import build_encoder, check_exit, sine_position_embedding
+from encoders import MultiheadAttention, build_encoder, check_exit, sine_position_embedding
 
 
 # ---- backbones: images -> {"res2": 1/4, "res3": 1/8, "res4": 1/16, "res5": 1/32} -----------
@@ -137,33 +137,6 @@ def load_backbone_weights(backbone, path):
 
 
 # ---- the masked-attention transformer decoder ----------------------------------------------
-
-
-class MultiheadAttention(nn.Module):
-    """Multi-head attention with nn.MultiheadAttention's packed q/k/v parameters, computed with
-    F.scaled_dot_product_attention. `allowed` (B, Lq, Lk) bool: True where a query may look."""
-
-    def __init__(self, *, dim, heads, dropout=0.0):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
-        self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.out_proj.bias)
-
-    def forward(self, query, key, value, allowed=None):
-        """query (B, Lq, C), key and value (B, Lk, C) -> (B, Lq, C)."""
-        B, Lq, C = query.shape
-        wq, wk, wv = self.in_proj_weight.chunk(3)
-        bq, bk, bv = self.in_proj_bias.chunk(3)
-        # (B, L, C) -> (B, heads, L, C/heads)
-        q = F.linear(query, wq, bq).view(B, Lq, self.heads, -1).transpose(1, 2)
-        k = F.linear(key, wk, bk).view(B, key.shape[1], self.heads, -1).transpose(1, 2)
-        v = F.linear(value, wv, bv).view(B, value.shape[1], self.heads, -1).transpose(1, 2)
-        mask = None if allowed is None else allowed[:, None]  # the same mask for every head
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.out_proj(out.transpose(1, 2).reshape(B, Lq, C))
 
 
 class AttentionLayer(nn.Module):
