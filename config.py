@@ -7,6 +7,11 @@ are merged over its bases, dictionaries key by key. Command-line overrides `key.
 last. Every key must exist in the dataclasses below and every value must have the field's type:
 anything else is an error naming the key and the file. Every default below is the official
 Mask2Former setting (COCO panoptic, ResNet-50) unless its comment says otherwise.
+
+The classes (model.num_classes, model.thing_classes) default to None, "the dataset's": train.py
+takes them from data.train.json before it builds the model (with_classes) and stores the resolved
+config and the class names in its checkpoints; a script given --weights alone reads that config
+back (load_run_config).
 """
 import dataclasses
 import glob
@@ -111,9 +116,13 @@ class InferenceConfig:
 
 @dataclass
 class ModelConfig:
-    num_classes: int = 133
-    # Contiguous ids of the "thing" classes: instance output and panoptic instances use them.
-    thing_classes: list[int] = field(default_factory=lambda: list(range(80)))
+    # None (null in YAML) = the dataset's: the categories of data.train.json, which train.py reads
+    # before building the model (COCO: 133, the 80 things first). A value set here wins, and must
+    # agree with that JSON.
+    num_classes: int | None = None
+    # Contiguous ids (categories sorted by id) of the "thing" classes: instance output and panoptic
+    # instances use them. None = the JSON's categories with isthing 1.
+    thing_classes: list[int] | None = None
     size_divisibility: int = 32
     pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])  # RGB, 0-255
     pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
@@ -285,6 +294,11 @@ def from_dict(cls, data, where="config", prefix="", default=None):
 
 
 def check_type(value, kind, where, name):
+    options = typing.get_args(kind)
+    if type(None) in options:  # `X | None`: null, or a value of X
+        if value is None:
+            return None
+        (kind,) = [k for k in options if k is not type(None)]
     origin = typing.get_origin(kind)
     if origin is list:
         (item,) = typing.get_args(kind)
@@ -331,9 +345,9 @@ ACTIVATIONS = ("silu", "relu", "gelu", "leaky_relu", "none")  # encoders.activat
 # (key, test, what the value must be). Names an encoder or backbone knows are checked where they
 # are built (model.build_backbone, encoders.build_encoder), which list the valid ones.
 RULES = [
-    ("model.num_classes", _positive, "a positive number of classes"),
-    ("model.thing_classes", lambda v, c: all(0 <= k < c.model.num_classes for k in v) and len(set(v)) == len(v),
-     "distinct class ids in 0..model.num_classes-1"),
+    ("model.num_classes", lambda v: v is None or _positive(v), "a positive number of classes (or null: the dataset's)"),
+    ("model.thing_classes", lambda v, c: v is None or (len(set(v)) == len(v) and all(
+        0 <= k < (c.model.num_classes or math.inf) for k in v)), "distinct class ids in 0..model.num_classes-1"),
     ("model.size_divisibility", _non_negative, ">= 0 (0: no padding)"),
     ("model.pixel_mean", lambda v: len(v) == 3 and all(map(_finite, v)), "three finite numbers (R, G, B)"),
     ("model.pixel_std", lambda v: len(v) == 3 and all(map(_positive, v)), "three positive numbers (R, G, B)"),
@@ -456,22 +470,52 @@ def save_config(cfg, path):
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
+# ---- the classes: the dataset's unless the config sets them ---------------------------------------
+
+
+def with_classes(cfg, classes, where, source):
+    """`cfg` with model.num_classes and model.thing_classes taken from `classes` (a dataset's
+    categories in contiguous order, each with "isthing": data.dataset_classes) where the config
+    leaves them None. A value the config sets must agree: a ConfigError naming the config `where`
+    and the file `source` otherwise (before any model is built)."""
+    m = cfg.model
+    things = [k for k, c in enumerate(classes) if c["isthing"]]
+    if m.num_classes is not None and m.num_classes != len(classes):
+        raise ConfigError(f"{where}: model.num_classes={m.num_classes}, but {source} has {len(classes)} categories; "
+                          "set it to that or leave it unset (null) to take the dataset's")
+    if m.thing_classes is not None and sorted(m.thing_classes) != things:
+        raise ConfigError(f"{where}: model.thing_classes={m.thing_classes}, but the things of {source} are {things} "
+                          "(contiguous ids: categories sorted by id); set that or leave it unset (null)")
+    model = dataclasses.replace(m, num_classes=len(classes), thing_classes=list(m.thing_classes or things))
+    return dataclasses.replace(cfg, model=model)
+
+
+def require_classes(model_cfg):
+    """A model needs its classes; None (the dataset's) must have been resolved before it is built."""
+    if model_cfg.num_classes is None or model_cfg.thing_classes is None:
+        raise ConfigError("model.num_classes / model.thing_classes are not set (null: the dataset's): set them in "
+                          "the config, or take them from a dataset (train.py reads data.train.json) or from "
+                          "--weights that store them (train.py's model_final.pt)")
+
+
 # ---- commands --------------------------------------------------------------------------------
 
 
 def run_command(main):
-    """Run a script's main(): an error a user can act on (a bad config, data file, weights file or
-    option: ValueError, OSError; a non-finite loss) prints as one line naming its cause and exits
-    with status 2; M2F_DEBUG=1 in the environment shows the whole traceback instead."""
+    """Run a script's main() (or its argument parsing) and return what it returns. An error a user
+    can act on (a bad config, data file, weights file or option: ValueError, OSError, among them
+    ConfigError and DataError; a non-finite loss) prints as one line naming its cause and exits
+    with status 2. M2F_DEBUG=1 in the environment, or --debug on the command line, shows the whole
+    traceback instead (status 1)."""
     import sys
 
     try:
         return main()
     except (ValueError, OSError, FloatingPointError) as e:
-        if os.environ.get("M2F_DEBUG"):
+        if os.environ.get("M2F_DEBUG") or "--debug" in sys.argv[1:]:
             raise
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        sys.exit(2)
 
 
 # ---- files: atomic writes and checkpoints ---------------------------------------------------
@@ -639,3 +683,54 @@ def load_weights(model, path, strict=True):
         raise ValueError(f"{path}: does not fit this model: {len(missing)} missing keys {missing[:8]}, "
                          f"{len(unexpected)} unexpected keys {unexpected[:8]}")
     return missing, unexpected
+
+
+def read_checkpoint_extras(path):
+    """What a checkpoint of ours stores besides weights ("config", "classes", "step", ...), or {}
+    for an official .pkl or a bare state dict. Errors name the file, as load_checkpoint_file's."""
+    import torch
+
+    path = str(path)
+    if path.endswith(".pkl"):
+        return {}
+    try:
+        try:  # mmap: the tensors stay on disk, only the small entries are read
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # a file of the old (non-zip) format cannot be mapped
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: weights file not found") from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        return {}
+    return {k: v for k, v in data.items() if k != "model"}
+
+
+def load_classes(weights):
+    """The classes train.py stored in `weights` (a list of {"id", "name", "isthing", "color"} in
+    contiguous order), or None for weights without them (official .pkl, older or bare files)."""
+    classes = read_checkpoint_extras(weights).get("classes")
+    return classes if isinstance(classes, list) else None
+
+
+def load_run_config(config=None, weights=None, overrides=(), where="--weights"):
+    """The config of a script given --config and/or --weights: the YAML file `config` when given
+    (its unset classes taken from the ones `weights` store), else the config stored in `weights`
+    (train.py's model_final.pt and checkpoint.pt). `overrides` apply to either and are validated
+    as usual. A ConfigError when there is neither (`where` names the weights option)."""
+    if config:
+        cfg = load_config(config, overrides)
+        classes = load_classes(weights) if weights else None
+        if classes and (cfg.model.num_classes is None or cfg.model.thing_classes is None):
+            cfg = with_classes(cfg, classes, str(config), weights)
+        return cfg
+    if not weights:
+        raise ConfigError("give --config (or weights of ours, which store their config)")
+    stored = read_checkpoint_extras(weights).get("config")
+    if not isinstance(stored, dict):
+        raise ConfigError(f"{where} {weights}: stores no config (official or older weights); give --config")
+    if any(item.startswith("_base_=") for item in overrides):
+        raise ConfigError(f"_base_=... needs a config file; {weights} stores a resolved config")
+    source = f"{weights} (its stored config)" + (" + command line" if overrides else "")
+    return validate(from_dict(Config, apply_overrides(stored, overrides), source), source)

@@ -20,18 +20,46 @@ A sample is a dict:
 Augmentations are pure functions of (sample, torch.Generator): `TrainSampler` hands every item a
 seed, so a training run's data is a function of (dataset, seed) alone, whatever the number of
 loader workers, and resumes exactly from an item count.
+
+`python data.py inspect --json X.json [--images DIR] [--panoptic DIR]` prints a split's classes,
+image count and sizes, and one line per problem found in its files (exit status 1 if any).
 """
+import argparse
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image, ImageOps
+from config import Config, DataConfig, SplitConfig, run_command, with_classes
 
-from config import DataConfig, SplitConfig
+
+def parse_args(argv=None):
+    """The command line of `python data.py inspect`; needs no torch (see the __main__ line below)."""
+    parser = argparse.ArgumentParser(description="Look at a COCO-panoptic dataset before training on it.")
+    what = "a split's classes, image count and sizes, and one line per problem in its files (exit status 1 if any)"
+    inspect = parser.add_subparsers(dest="command", required=True).add_parser("inspect", help=what, description=what)
+    inspect.add_argument("--json", required=True, type=Path, help="the panoptic JSON")
+    inspect.add_argument("--images", type=Path, help="image folder (default: images/ by the JSON, COCO's <split>/)")
+    inspect.add_argument("--panoptic", type=Path, help="folder of the id PNGs (default: <JSON name>/ next to the "
+                         "JSON or its folder, or panoptic/ next to it)")
+    inspect.add_argument("--check-pngs", default="200", help="read the PNGs of this many images, spread evenly "
+                         "(reading them is the slow part), or 'all' (default 200; 0: only check that they exist)")
+    inspect.add_argument("--debug", action="store_true", help="show the whole traceback of an error")
+    args = parser.parse_args(argv)
+    if args.check_pngs != "all" and not args.check_pngs.isdigit():
+        parser.error(f"--check-pngs: a number of images or 'all', got {args.check_pngs!r}")
+    return args
+
+
+if __name__ == "__main__":  # answer --help and argument errors before torch loads
+    run_command(parse_args)
+
+import numpy as np  # noqa: E402  (after the early answers above)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 
 class DataError(ValueError):
@@ -114,6 +142,30 @@ def ids_to_rgb(ids):
 # ---- the dataset ------------------------------------------------------------------------------
 
 
+def parse_categories(categories, where):
+    """The `categories` of a panoptic JSON in contiguous order (sorted by id, the project's rule),
+    each {"id", "name", "isthing"} plus "color" when the JSON has one."""
+    parsed = []
+    for n, c in enumerate(categories):
+        if not isinstance(c, dict) or any(k not in c for k in ("id", "name", "isthing")):
+            raise DataError(f"{where}: categories[{n}] needs 'id', 'name' and 'isthing', got {c!r}")
+        entry = {"id": int(c["id"]), "name": str(c["name"]), "isthing": bool(c["isthing"])}
+        if "color" in c:
+            entry["color"] = c["color"]
+        parsed.append(entry)
+    if len({c["id"] for c in parsed}) != len(parsed):
+        raise DataError(f"{where}: duplicate category ids")
+    return sorted(parsed, key=lambda c: c["id"])
+
+
+def dataset_classes(json_path):
+    """The classes of a panoptic JSON file, in contiguous order (see parse_categories)."""
+    data = read_json(json_path)
+    if not isinstance(data, dict) or not isinstance(data.get("categories"), list):
+        raise DataError(f"{json_path}: no 'categories' list (COCO panoptic format needs one)")
+    return parse_categories(data["categories"], json_path)
+
+
 class PanopticDataset(torch.utils.data.Dataset):
     """One split in COCO panoptic format.
 
@@ -148,18 +200,8 @@ class PanopticDataset(torch.utils.data.Dataset):
             if not folder.is_dir():
                 raise DataError(f"{folder}: {what} of {where} does not exist")
 
-        categories = []
-        for n, c in enumerate(data["categories"]):
-            if not isinstance(c, dict) or any(k not in c for k in ("id", "name", "isthing")):
-                raise DataError(f"{where}: categories[{n}] needs 'id', 'name' and 'isthing', got {c!r}")
-            entry = {"id": int(c["id"]), "name": c["name"], "isthing": bool(c["isthing"])}
-            if "color" in c:
-                entry["color"] = c["color"]
-            categories.append(entry)
-        self.categories = sorted(categories, key=lambda c: c["id"])
+        self.categories = parse_categories(data["categories"], where)
         self.contiguous = {c["id"]: k for k, c in enumerate(self.categories)}
-        if len(self.contiguous) != len(self.categories):
-            raise DataError(f"{where}: duplicate category ids")
         self.thing_classes = [k for k, c in enumerate(self.categories) if c["isthing"]]
         self.num_classes = len(self.categories)
 
@@ -596,13 +638,14 @@ def build_dataset(cfg: DataConfig, *, split: str, train: bool) -> PanopticDatase
 
 
 def check_classes(dataset, model_cfg, where):
-    """The model's classes (model.num_classes, model.thing_classes of the config `where`) must be
-    the dataset's: contiguous ids are its categories sorted by id."""
-    things = sorted(dataset.thing_classes)
-    if (dataset.num_classes, things) != (model_cfg.num_classes, sorted(model_cfg.thing_classes)):
-        raise DataError(f"{where}: model.num_classes={model_cfg.num_classes}, model.thing_classes="
-                        f"{model_cfg.thing_classes}, but {dataset.json_file} has {dataset.num_classes} classes, "
-                        f"things {things} (contiguous ids: categories sorted by id)")
+    """The model's classes (of the config `where`) must be the dataset's; unset ones are (with_classes)."""
+    with_classes(Config(model=model_cfg), dataset.categories, where, dataset.json_file)
+
+
+def with_dataset_classes(cfg, split="train"):
+    """`cfg` with the classes it leaves unset taken from data.<split>.json (config.with_classes)."""
+    path = dataset_root(cfg.data.root) / getattr(cfg.data, split).json
+    return with_classes(cfg, dataset_classes(path), "the config", path)
 
 
 def setup_distributed():
@@ -650,3 +693,108 @@ def build_train_loader(cfg: DataConfig, dataset, *, batch_size_per_rank: int, se
         dataset, batch_size=batch_size_per_rank, sampler=sampler, num_workers=cfg.workers, collate_fn=collate,
         persistent_workers=cfg.workers > 0, worker_init_fn=seed_worker,
         generator=torch.Generator().manual_seed(seed * 1_000_003 + rank))
+
+
+# ---- python data.py inspect ---------------------------------------------------------------------
+
+
+def image_problems(info, ann, image_dir, panoptic_dir, read_png, counts):
+    """One image of inspect_dataset: its (height, width) or None, and its problems; counts its segments."""
+    name = info["file_name"]
+    path = next((p for p in (image_dir / name, image_dir / name.split("_")[0] / name) if p.is_file()), None)
+    if path is None:
+        return None, [f"{image_dir / name}: image file not found (image_id {info['id']})"]
+    try:
+        with Image.open(path) as img:  # the header only; as displayed (90-degree EXIF orientations swap h and w)
+            size = img.size if img.getexif().get(0x0112) in (5, 6, 7, 8) else img.size[::-1]
+    except (OSError, SyntaxError, ValueError) as e:
+        return None, [f"{path}: cannot read image ({e})"]
+    found = [] if (info.get("height", size[0]), info.get("width", size[1])) == size else [
+        f"{path}: image is {size[0]}x{size[1]} but the JSON says {info.get('height')}x{info.get('width')}"]
+    if ann is None or not ann["segments_info"]:
+        return size, found + [f"{path}: empty image: no segments in the JSON (image_id {info['id']})"]
+    for seg in ann["segments_info"]:
+        if seg.get("category_id") in counts:
+            counts[seg["category_id"]] += 1
+        else:
+            found.append(f"segment {seg.get('id')} of image_id {info['id']} in the JSON: category_id "
+                         f"{seg.get('category_id')} is not in categories")
+    png = panoptic_dir / (ann.get("file_name") or Path(name).stem + ".png")
+    if not png.is_file() or not read_png:
+        return size, found + ([] if png.is_file() else [f"{png}: panoptic PNG not found (image_id {info['id']})"])
+    ids = read_panoptic_png(png)  # a DataError if unreadable
+    in_png, in_json = set(torch.unique(ids).tolist()) - {0}, {seg.get("id") for seg in ann["segments_info"]}
+    if tuple(ids.shape) != size:
+        found.append(f"{png}: the PNG is {ids.shape[0]}x{ids.shape[1]}, its image {size[0]}x{size[1]}")
+    if in_png - in_json:
+        found.append(f"{png}: segment ids {sorted(in_png - in_json)[:10]} are in the PNG, not in the JSON")
+    if in_json - in_png:
+        found.append(f"{png}: segment ids {sorted(in_json - in_png)[:10]} of the JSON have no pixels")
+    return size, found
+
+
+def usual_folders(j, image_dir=None, panoptic_dir=None):
+    """The image and PNG folders of the JSON `j`: given, or the first usual one (images/, panoptic/, COCO's)."""
+    usual = {"--images": [j.parent / "images", j.parent.parent / j.stem.removeprefix("panoptic_")],
+             "--panoptic": [j.parent / j.stem, j.parent.parent / j.stem, j.parent / "panoptic"]}
+    folders = []
+    for option, given in (("--images", image_dir), ("--panoptic", panoptic_dir)):
+        candidates = [Path(given)] if given else usual[option]
+        folders.append(next((f for f in candidates if f.is_dir()), None))
+        if folders[-1] is None:
+            raise DataError(f"{' or '.join(map(str, candidates))}: no such folder; give {option}")
+    return folders
+
+
+def inspect_dataset(json_path, image_dir=None, panoptic_dir=None, check_pngs=None):
+    """Print a panoptic split's classes, image count and sizes, and one line per problem found in
+    its files; return the problems. The folders: see usual_folders. check_pngs: read the PNGs of
+    this many images, spread evenly, and compare them with the JSON (None: all of them)."""
+    json_path, data = Path(json_path), read_json(json_path)
+    image_dir, panoptic_dir = usual_folders(json_path, image_dir, panoptic_dir)
+    if not (isinstance(data, dict) and all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories"))):
+        raise DataError(f"{json_path}: needs 'images', 'annotations' and 'categories' lists (COCO panoptic format)")
+    classes, images = parse_categories(data["categories"], json_path), data["images"]
+    if any(not isinstance(img, dict) or "id" not in img or "file_name" not in img for img in images):
+        raise DataError(f"{json_path}: every entry of 'images' needs 'id' and 'file_name'")
+    problems, by_image, seen = [], {}, {img["id"] for img in images}
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict) or not isinstance(ann.get("segments_info"), list):
+            problems.append(f"{json_path}: an annotation without a 'segments_info' list: {str(ann)[:80]}")
+        elif ann.get("image_id") in by_image:
+            problems.append(f"{json_path}: two annotations for image_id {ann['image_id']}")
+        else:
+            by_image[ann.get("image_id")] = ann
+    if len(seen) < len(images):
+        problems.append(f"{json_path}: {len(images) - len(seen)} entries of 'images' repeat an id")
+    problems += [f"{json_path}: annotations of image_id {i}, which is not in 'images'" for i in set(by_image) - seen]
+    n = min(len(images), len(images) if check_pngs is None else check_pngs)
+    read = {round(k * (len(images) - 1) / max(n - 1, 1)) for k in range(n)}  # n images spread evenly
+    counts, sizes = {c["id"]: 0 for c in classes}, []
+    for i, info in enumerate(tqdm(images, desc=f"inspect {json_path.name}", unit="image", dynamic_ncols=True)):
+        try:
+            size, found = image_problems(info, by_image.get(info["id"]), image_dir, panoptic_dir, i in read, counts)
+        except DataError as e:  # an unreadable PNG
+            size, found = None, [str(e)]
+        sizes, problems = sizes + [size] * (size is not None), problems + found
+    things = sum(c["isthing"] for c in classes)
+    print(f"{json_path}: {len(classes)} classes ({things} things, {len(classes) - things} stuff), {len(images)} "
+          f"images, {sum(counts.values())} segments\n  class     id  kind   segments  name")
+    for k, c in enumerate(classes):
+        print(f"  {k:5d} {c['id']:6d}  {'thing' if c['isthing'] else 'stuff'} {counts[c['id']]:10d}  {c['name']}")
+    if sizes:
+        (h, w), mid = map(sorted, zip(*sizes)), len(sizes) // 2
+        print(f"image sizes (min / median / max): height {h[0]} / {h[mid]} / {h[-1]}, width {w[0]} / {w[mid]} / {w[-1]}")
+    print(f"PNGs read and compared with the JSON: those of {len(read)} of {len(images)} images")
+    print("".join(f"problem: {line}\n" for line in problems) + f"{len(problems) or 'no'} problem(s) found")
+    return problems
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check = None if args.check_pngs == "all" else int(args.check_pngs)
+    return 1 if inspect_dataset(args.json, args.images, args.panoptic, check) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_command(main))

@@ -28,11 +28,43 @@ import re
 import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+from config import atomic_write_text, load_config, load_run_config, run_command
 
-from config import atomic_write_text, load_config, run_command
+
+# ---- the command line (first, and light: --help and config errors answer before torch loads) -----
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True, help="checkpoint: train.py's, a state dict, or an official .pkl")
+    parser.add_argument("--config", help="YAML config of the (Step A) model (default: the one stored in the weights)")
+    parser.add_argument("--out", required=True, help="output JSON-lines file, e.g. derived.jsonl")
+    parser.add_argument("--split", default="train", choices=("train", "val"))
+    parser.add_argument("--exits", nargs="+", help="encoder exits (default: every layer, 1..layers)")
+    parser.add_argument("--max-images", type=int, default=None, help="only the first N images of the split")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available; "
+                                                       "under torchrun each rank's own GPU)")
+    parser.add_argument("--debug", action="store_true", help="show the whole traceback of an error")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    args = parser.parse_args(argv)
+    if args.exits:  # nargs="+" also swallows the key=value overrides written after the exits
+        args.overrides += [e for e in args.exits if "=" in e]
+        args.exits = [e for e in args.exits if "=" not in e]
+        if not all(e.isdigit() for e in args.exits):
+            parser.error(f"--exits takes encoder layer numbers, got {' '.join(args.exits)}")
+        args.exits = [int(e) for e in args.exits]
+    if args.config:  # its errors come before torch loads
+        load_config(args.config, args.overrides)
+    return args
+
+
+if __name__ == "__main__":  # answer --help, a bad option or config at once, before torch loads
+    run_command(parse_args)
+
+import torch  # noqa: E402  (after the command line)
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
 from data import distributed, setup_distributed
 from encoders import check_exit
 from metrics import image_pq, load_evaluation
@@ -162,35 +194,14 @@ def derive_image(model, sample, gt, exits, categories, to_dataset) -> list[float
 # ---- the run ----------------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config of the (Step A) model")
-    parser.add_argument("--weights", required=True, help="checkpoint: train.py's, a state dict, or an official .pkl")
-    parser.add_argument("--out", required=True, help="output JSON-lines file, e.g. derived.jsonl")
-    parser.add_argument("--split", default="train", choices=("train", "val"))
-    parser.add_argument("--exits", nargs="+", help="encoder exits (default: every layer, 1..layers)")
-    parser.add_argument("--max-images", type=int, default=None, help="only the first N images of the split")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available; "
-                                                       "under torchrun each rank's own GPU)")
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    args = parser.parse_args(argv)
-    if args.exits:  # nargs="+" also swallows the key=value overrides written after the exits
-        args.overrides += [e for e in args.exits if "=" in e]
-        args.exits = [e for e in args.exits if "=" not in e]
-        if not all(e.isdigit() for e in args.exits):
-            parser.error(f"--exits takes encoder layer numbers, got {' '.join(args.exits)}")
-        args.exits = [int(e) for e in args.exits]
-    return args
-
-
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.out)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.weights, args.overrides)
     # Step B scores the panoptic output only; instance and semantic post-processing are wasted work.
     cfg.model.inference.panoptic, cfg.model.inference.instance, cfg.model.inference.semantic = True, False, False
     rank, world_size, device = setup_distributed()
-    dataset, model = load_evaluation(cfg, args.config, args.weights, args.split, args.device or device)
+    dataset, model = load_evaluation(cfg, args.config or args.weights, args.weights, args.split, args.device or device)
     model.eval()
     file_names = {img["id"]: img["file_name"] for img in dataset.images}
     if len(file_names) != len(dataset):

@@ -124,7 +124,8 @@ class DeformableEncoderLayer(nn.Module):
         # The same normalised reference on every level: (·, Lq, 2) -> (B, Lq, L, 2).
         ref = ref[:, :, None].expand(src.shape[0], -1, len(spatial_shapes), -1)
         src = self.norm1(src + self.dropout1(self.self_attn(src + pos, ref, value, spatial_shapes)))
-        return self.norm2(src + self.dropout3(self.linear2(self.dropout2(F.relu(self.linear1(src))))))
+        # In-place ReLU: the linear's output is not needed by its backward (no extra (B, Lq, ffn) buffer).
+        return self.norm2(src + self.dropout3(self.linear2(self.dropout2(F.relu_(self.linear1(src))))))
 
 
 class InputProjection(nn.Module):
@@ -190,18 +191,39 @@ class MaskBranch(nn.Module):
             smooth = nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False)
             c2_xavier_fill(smooth)
         elif kind == "lpe_max":
-            smooth = nn.MaxPool2d(kernel_size=3, stride=1, padding=1)
+            smooth = SeparableMaxPool3x3(kernel_size=3, stride=1, padding=1)
         else:
             smooth = nn.AvgPool2d(kernel_size=3, stride=1, padding=1)
-        self.output = nn.Sequential(smooth, nn.GroupNorm(32, dim), nn.ReLU())
+        # In place: GroupNorm's backward needs its input, not its output.
+        self.output = nn.Sequential(smooth, nn.GroupNorm(32, dim), nn.ReLU(inplace=True))
 
     def forward(self, res2, coarse):
         """res2 (B, C2, H/4, W/4); coarse (B, dim, H/8, W/8) -> mask features (B, dim, H/s, W/s)
         at s = self.stride."""
         if self.lateral is None:
             return self.mask_features(coarse)
-        x = self.lateral(res2) + F.interpolate(coarse, size=res2.shape[-2:], mode="bilinear", align_corners=False)
+        x = self.lateral(res2).add_(F.interpolate(coarse, size=res2.shape[-2:], mode="bilinear", align_corners=False))
         return self.mask_features(self.output(x))
+
+
+class SeparableMaxPool3x3(nn.MaxPool2d):
+    """MaxPool2d(3, stride 1, padding 1), the LPE's pool, computed as a max over 3 columns then
+    over 3 rows: the same values in ~1/12 of the CPU time of torch's NCHW kernel (which, priced at
+    0 FLOPs, cost half of the 3x3 conv it replaces; 256x128x176, 1 thread). With autograd it runs
+    torch's pool on a channels_last copy instead (forward ~3x faster, forward + backward no
+    slower; and torch's own gradient, which at ties the separable max would split)."""
+
+    def forward(self, x):
+        """x (B, C, H, W) -> (B, C, H, W), NCHW-contiguous."""
+        if torch.is_grad_enabled() and x.requires_grad:
+            return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, 1, 1).contiguous()
+        cols = x.clone()  # max over x-1, x, x+1 (the border sees two: padding is -inf)
+        cols[..., 1:] = torch.maximum(cols[..., 1:], x[..., :-1])
+        cols[..., :-1] = torch.maximum(cols[..., :-1], x[..., 1:])
+        out = cols.clone()  # then over y-1, y, y+1
+        out[..., 1:, :] = torch.maximum(out[..., 1:, :], cols[..., :-1, :])
+        out[..., :-1, :] = torch.maximum(out[..., :-1, :], cols[..., 1:, :])
+        return out
 
 
 def check_exit(encoder, exit, name="exit"):

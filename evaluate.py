@@ -25,23 +25,199 @@ prints the GFLOPs of one H x W image through the eval forward and post-processin
 
 tabulates the metrics.json of several evaluations. The measurements themselves are in
 metrics.py (PQ, AP, mIoU, FPS, evaluate_dataset) and flops.py (the FLOP counter).
+
+    python evaluate.py predict --weights CKPT --input a.jpg dir/ 'glob/*.png' --out DIR [--exit K | --gate G]
+    python evaluate.py export --weights CKPT --size H W --format torch|onnx --out FILE
+
+run a trained model on images without annotations (overlay pictures, COCO-panoptic PNGs and
+JSON), and export its network; both are in predict.py. Every command that takes --weights reads
+the config stored in them when --config is not given.
 """
 import argparse
 import json
-import math
-import os
 import sys
 from pathlib import Path
 
-import torch
-from PIL import Image
+from config import atomic_write_text, load_config, load_run_config, run_command
 
-from config import atomic_write_text, config_to_dict, load_config, run_command
+COMMANDS = ("eval", "sweep", "flops", "report", "predict", "export")
+
+
+# ---- the command line ---------------------------------------------------------------------------
+#
+# The parsers come first and import nothing heavy: `--help`, a wrong option and a config error
+# answer before torch loads (which takes seconds, a minute on a busy machine).
+
+
+def eval_parser():
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py [eval]", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="`python evaluate.py flops -h` for the GFLOPs command, `python evaluate.py sweep -h` for ECO-M2F's "
+               "exit and gate sweep.")
+    add_weights_options(parser)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--exit", type=int, default=None, help="encoder exit k for every image (default: all layers)")
+    which.add_argument("--gate", default=None,
+                       help="ECO-M2F: a gate file from gate.py that picks each image's exit (not with --exit)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default, next to the weights: eval_<split>, eval_<split>_exit<k> "
+                             "or eval_<split>_gate_<gate file stem>)")
+    add_evaluation_options(parser, vis=4)
+    parser.add_argument("--no-flops", action="store_true", help="do not count GFLOPs")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an evaluation of other weights or another config in --out")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser
+
+
+def add_evaluation_options(parser, vis):
+    """The options shared by the eval and sweep commands."""
+    parser.add_argument("--split", default="val", choices=("train", "val"))
+    parser.add_argument("--max-images", type=int, default=None, help="only the first N images")
+    parser.add_argument("--batch-size", type=int, default=1)
+    add_device_option(parser)
+    parser.add_argument("--amp", default="fp32", choices=("fp32", "fp16", "bf16"), help="autocast for the forward")
+    parser.add_argument("--workers", type=int, default=None, help="data loader processes (default: data.workers)")
+    parser.add_argument("--vis", type=int, default=vis, help=f"pictures to draw per evaluation (default {vis})")
+    parser.add_argument("--fps-images", type=int, default=10, help="images timed at batch 1 (0: no FPS)")
+
+
+def sweep_parser():
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py sweep",
+        description="ECO-M2F's accuracy-cost trade-off: evaluate every fixed exit and every gate on one split; "
+                    "DIR/sweep.json, sweep.md (as the paper's Table 4) and sweep.png (PQ vs. GFLOPs, as its Fig. 5).",
+        epilog="Put key=value overrides after the other arguments, not right after --exits or --gates "
+               "(those take every following value).")
+    add_weights_options(parser, what="checkpoint (Step A's, trained with exits)")
+    parser.add_argument("--exits", type=int, nargs="*", default=None,
+                        help="fixed exits to evaluate (default: every one, 1..model.encoder.layers; "
+                             "--exits alone: none)")
+    parser.add_argument("--gates", nargs="+", default=[], help="gate files from gate.py (one per β)")
+    parser.add_argument("--out", required=True, help="output folder")
+    add_evaluation_options(parser, vis=0)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace rows evaluated with other weights or another config in --out")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep a row whose folder already has a matching metrics.json instead of evaluating again")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser
+
+
+def flops_parser():
+    parser = argparse.ArgumentParser(prog="evaluate.py flops",
+                                     description="GFLOPs of one image of a given size (no data, no weights).")
+    parser.add_argument("--config", help="YAML config (not with --table)")
+    parser.add_argument("--table", action="store_true",
+                        help="every model config (M2F, PRO-SCALE, Lite-M2F, RT-M2F) at the papers' sizes, beside "
+                             "the papers' figures")
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[800, 1088],
+                        help="image height and width (default 800 1088, COCO's test size for 4:3 images)")
+    parser.add_argument("--exit", type=int, default=None, help="encoder exit k (default: all layers)")
+    parser.add_argument("--complete", action="store_true",
+                        help="also count the deformable sampling and the masked attention's QK^T")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser
+
+
+def report_parser():
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py report",
+        description="One table from the metrics.json of several evaluations (the same images), speed as ratios "
+                    "to the first row, and the papers' claims beside the run's.")
+    parser.add_argument("runs", nargs="+", metavar="NAME=DIR", help="a row name and its evaluation folder")
+    parser.add_argument("--out", help="also write the table (Markdown, with the pictures) to this file")
+    parser.add_argument("--image", action="append", default=[], help="another picture for the report (repeatable)")
+    parser.add_argument("--speed-images", type=int, default=8,
+                        help="time every row's model on the first N images, interleaved (0: no timing)")
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (each times every row once)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads while timing")
+    parser.add_argument("--derived", help="ECO-M2F Step B's derived.jsonl: report its per-image best exits at β = 0")
+    return parser
+
+
+def add_weights_options(parser, what="checkpoint: train.py's, a state dict, or an official .pkl"):
+    parser.add_argument("--weights", required=True, help=what)
+    parser.add_argument("--config", default=None,
+                        help="YAML config (default: the config stored in the weights by train.py)")
+
+
+def add_device_option(parser):
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+
+
+def predict_parser():
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py predict",
+        description="Run a trained model on images (no annotations needed): per image an overlay picture and the "
+                    "COCO-panoptic PNG, for all a COCO-panoptic JSON with class names and scores.")
+    add_weights_options(parser)
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="image files, folders and glob patterns (quote them: 'photos/*.jpg')")
+    parser.add_argument("--out", required=True, help="output folder")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--exit", type=int, default=None, help="encoder exit k for every image (default: all layers)")
+    which.add_argument("--gate", default=None, help="ECO-M2F: a gate file from gate.py that picks each image's exit")
+    parser.add_argument("--batch-size", type=int, default=1, help="images per forward (images of one size)")
+    add_device_option(parser)
+    parser.add_argument("--instances", action="store_true", help="also write instances.json (COCO results, RLE)")
+    parser.add_argument("--semantic", action="store_true", help="also write semantic/<name>.png (category ids)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier prediction in --out")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser
+
+
+def export_parser():
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py export",
+        description="Export the network (image batch in, class and mask logits out) at a fixed size; "
+                    "post-processing stays in Python (Mask2Former.inference).")
+    add_weights_options(parser)
+    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), required=True,
+                        help="the input size, multiples of model.size_divisibility (32)")
+    parser.add_argument("--format", choices=("torch", "onnx"), default="torch",
+                        help="torch: torch.export's .pt2; onnx: opset 18 (needs onnx, onnxscript)")
+    parser.add_argument("--out", required=True, help="output file")
+    parser.add_argument("--exit", type=int, default=None, help="encoder exit k (default: all layers)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    return parser
+
+
+PARSERS = {"eval": eval_parser, "sweep": sweep_parser, "flops": flops_parser, "report": report_parser,
+           "predict": predict_parser, "export": export_parser}
+
+
+def parse_args(argv=None):
+    """(command, arguments) of `evaluate.py [command] ...` (the command defaults to eval). A
+    --config is read and checked here too, so that its errors come before torch loads."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "eval"
+    parser = PARSERS[command]()
+    parser.add_argument("--debug", action="store_true", help="show the whole traceback of an error")
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) and command != "report":
+        load_config(args.config, getattr(args, "overrides", []))
+    return command, args
+
+
+if __name__ == "__main__":  # answer --help, a bad option or config at once, before torch loads
+    run_command(parse_args)
+
+import torch  # noqa: E402  (after the command line, see above)
+
+
 from encoders import check_exit
+from config import load_weights
+from data import check_device, with_dataset_classes
 from flops import model_flops
 from gate import load_gate
-from metrics import evaluate_dataset, gate_description, load_evaluation
+from metrics import evaluate_dataset, evaluation_source, gate_description, load_evaluation
 from model import build_model
+from predict import export_network, run_predict
+from report import write_report
+from visualize import beta_text, plot_sweep
 
 
 # ---- command line --------------------------------------------------------------------------
@@ -52,11 +228,6 @@ def print_flops(cfg_path, size, flops, complete):
     print(f"GFLOPs of {cfg_path} at {size[0]}x{size[1]}, {convention}:")
     for part, value in flops.items():
         print(f"  {part:<12} {value:9.2f}")
-
-
-def beta_text(beta) -> str:
-    """β as the papers print it: 0.003, 0.0005, 0.01 (no trailing zeros)."""
-    return f"{beta:g}" if isinstance(beta, (int, float)) else str(beta)
 
 
 def describe_exit(metrics) -> str:
@@ -194,58 +365,6 @@ def print_flops_table(rows):
               f"{figure('total')} |")
 
 
-def flops_parser():
-    parser = argparse.ArgumentParser(prog="evaluate.py flops",
-                                     description="GFLOPs of one image of a given size (no data, no weights).")
-    parser.add_argument("--config", help="YAML config (not with --table)")
-    parser.add_argument("--table", action="store_true",
-                        help="every model config (M2F, PRO-SCALE, Lite-M2F, RT-M2F) at the papers' sizes, beside "
-                             "the papers' figures")
-    parser.add_argument("--size", type=int, nargs=2, metavar=("H", "W"), default=[800, 1088],
-                        help="image height and width (default 800 1088, COCO's test size for 4:3 images)")
-    parser.add_argument("--exit", type=int, default=None, help="encoder exit k (default: all layers)")
-    parser.add_argument("--complete", action="store_true",
-                        help="also count the deformable sampling and the masked attention's QK^T")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    return parser
-
-
-def eval_parser():
-    parser = argparse.ArgumentParser(
-        prog="evaluate.py [eval]", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="`python evaluate.py flops -h` for the GFLOPs command, `python evaluate.py sweep -h` for ECO-M2F's "
-               "exit and gate sweep.")
-    parser.add_argument("--config", required=True, help="YAML config")
-    parser.add_argument("--weights", required=True, help="checkpoint: train.py's, a state dict, or an official .pkl")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--exit", type=int, default=None, help="encoder exit k for every image (default: all layers)")
-    which.add_argument("--gate", default=None,
-                       help="ECO-M2F: a gate file from gate.py that picks each image's exit (not with --exit)")
-    parser.add_argument("--out", default=None,
-                        help="output folder (default, next to the weights: eval_<split>, eval_<split>_exit<k> "
-                             "or eval_<split>_gate_<gate file stem>)")
-    add_evaluation_options(parser, vis=4)
-    parser.add_argument("--no-flops", action="store_true", help="do not count GFLOPs")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an evaluation of other weights or another config in --out")
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    return parser
-
-
-def add_evaluation_options(parser, vis):
-    """The options shared by the eval and sweep commands."""
-    parser.add_argument("--split", default="val", choices=("train", "val"))
-    parser.add_argument("--max-images", type=int, default=None, help="only the first N images")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--amp", default="fp32", choices=("fp32", "fp16", "bf16"), help="autocast for the forward")
-    parser.add_argument("--workers", type=int, default=None, help="data loader processes (default: data.workers)")
-    parser.add_argument("--vis", type=int, default=vis, help=f"pictures to draw per evaluation (default {vis})")
-    parser.add_argument("--fps-images", type=int, default=10, help="images timed at batch 1 (0: no FPS)")
-
-
 def run_flops(args):
     if args.table:
         rows = flops_table(args.complete)
@@ -258,6 +377,8 @@ def run_flops(args):
     if not args.config:
         raise SystemExit("evaluate.py flops: --config is required (or --table)")
     cfg = load_config(args.config, args.overrides)
+    if None in (cfg.model.num_classes, cfg.model.thing_classes):  # left to the dataset: read its JSON
+        cfg = with_dataset_classes(cfg)
     with torch.device("meta"):  # shapes alone: no weights needed, any model counts in a second
         model = build_model(cfg)
     check_exit(model.encoder, args.exit, "--exit")
@@ -272,12 +393,12 @@ def load_model_and_gate(cfg, args, gate_paths=()):
     """The dataset and the model (weights loaded, strict) of an evaluation, and the gates of
     `gate_paths`, each checked against the model (its channels, its exits). Everything is
     checked before any image is read."""
-    dataset, model = load_evaluation(cfg, args.config, args.weights, args.split, args.device)
+    dataset, model = load_evaluation(cfg, args.config or args.weights, args.weights, args.split, args.device)
     return dataset, model, [load_gate(path, model) for path in gate_paths]
 
 
 def run_eval(args):
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.weights, args.overrides)
     with torch.device("meta"):  # shapes only, in a moment: refuse a wrong --exit before any loading
         check_exit(build_model(cfg).encoder, args.exit, "--exit")
     dataset, model, gates = load_model_and_gate(cfg, args, [args.gate] if args.gate else [])
@@ -287,7 +408,7 @@ def run_eval(args):
     else:
         suffix = "" if args.exit is None else f"_exit{args.exit}"
     out = args.out or Path(args.weights).parent / f"eval_{args.split}{suffix}"
-    source = evaluation_source(cfg, args.weights)
+    source = evaluation_source(cfg, args.weights, args.split, args.gate)
     check_evaluation_folder(out, source, args.overwrite)
     metrics = evaluate_dataset(model, dataset, out, batch_size=args.batch_size, exit=args.exit, gate=gate,
                                max_images=args.max_images, device=args.device, amp=args.amp,
@@ -298,44 +419,8 @@ def run_eval(args):
     return metrics
 
 
-def report_parser():
-    parser = argparse.ArgumentParser(prog="evaluate.py report",
-                                     description="One table from the metrics.json of several evaluations.")
-    parser.add_argument("runs", nargs="+", metavar="NAME=DIR", help="a row name and its evaluation folder")
-    parser.add_argument("--out", help="also write the table (Markdown, with the pictures) to this file")
-    parser.add_argument("--image", action="append", default=[], help="another picture for the report (repeatable)")
-    return parser
-
-
 def run_report(args):
-    """Print (and optionally save) PQ, AP, mIoU, GFLOPs and FPS of several evaluations side by side."""
-    header = "| model | PQ | PQ_th | PQ_st | AP | mIoU | encoder GFLOPs | total GFLOPs | FPS |"
-    lines = [header, "|---" * (header.count("|") - 1) + "|"]
-    pictures = []
-    for item in args.runs:
-        name, sep, folder = item.rpartition("=")  # the last "=": a name may hold one (β=0.02)
-        if not sep:
-            raise SystemExit(f"report: {item!r} is not NAME=DIR")
-        path = Path(folder) / "metrics.json"
-        if not path.exists():
-            raise SystemExit(f"report: {path} does not exist (run evaluate.py first)")
-        try:
-            m = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not a metrics file ({e})") from None
-        encoder = (m.get("GFLOPs_parts") or {}).get("encoder")
-        cells = [m.get(k) for k in ("PQ", "PQ_th", "PQ_st", "AP", "mIoU")] + [encoder, m.get("GFLOPs"), m.get("FPS")]
-        lines.append(f"| {name} | " + " | ".join(_cell(v) for v in cells) + " |")
-        pictures += [(name, p) for p in sorted((Path(folder) / "vis").glob("*.png"))[:1]]
-    pictures += [(Path(p).stem, Path(p)) for p in args.image]
-    # Links relative to the report, so that the run folder can move.
-    base = Path(args.out).resolve().parent if args.out else Path.cwd()
-    pictures = [f"![{name}]({os.path.relpath(Path(p).resolve(), base)})" for name, p in pictures]
-    table = "\n".join(lines)
-    print(table)
-    if args.out:
-        atomic_write_text(args.out, table + "\n\n" + "\n".join(pictures) + "\n")
-        print(f"report written to {args.out}")
+    return write_report(args.runs, args.out, args.speed_images, args.rounds, args.threads, args.image, args.derived)
 
 
 # ---- ECO-M2F's trade-off: every fixed exit and every gate on one split ----------------------
@@ -383,180 +468,6 @@ def sweep_table(rows) -> str:
         lines.append(f"| {row['name']} | " + " | ".join(_cell(v) for v in cells)
                      + f" | {histogram_text(row['exit_histogram'])} |")
     return "\n".join(lines)
-
-
-# The plot, drawn with PIL alone (no plotting library in requirements.txt).
-SWEEP_PLOT_SIZE = (800, 560)  # width, height in pixels
-_BLUE, _RED, _GRID, _INK = (31, 119, 180), (214, 39, 40), (225, 225, 225), (0, 0, 0)
-
-
-def _fonts(sizes):
-    """Fonts at `sizes` px, and how to write β with them. A system font with Greek letters where
-    there is one (DejaVu Sans on most Linux systems, Arial on macOS and Windows); else Pillow's
-    bundled font, which has no β (so "beta"), or its fixed bitmap font where FreeType is missing."""
-    from PIL import ImageFont
-
-    for name in ("DejaVuSans.ttf", "Arial.ttf"):
-        try:
-            return [ImageFont.truetype(name, size) for size in sizes], "β"
-        except OSError:
-            continue
-    try:
-        return [ImageFont.load_default(size=size) for size in sizes], "beta"
-    except (TypeError, ImportError, OSError):  # Pillow < 10.1 or no FreeType
-        return [ImageFont.load_default()] * len(sizes), "beta"
-
-
-def _text(draw, xy, text, font, align="left-top", fill=_INK):
-    """Draw text with its box placed at xy: align is "<left|center|right>-<top|middle|bottom>".
-    Measured by hand rather than with Pillow's `anchor`, which bitmap fonts do not support."""
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    horizontal, vertical = align.split("-")
-    x = xy[0] - {"left": 0, "center": (right - left) / 2, "right": right - left}[horizontal] - left
-    y = xy[1] - {"top": 0, "middle": (bottom - top) / 2, "bottom": bottom - top}[vertical] - top
-    draw.text((x, y), text, font=font, fill=fill)
-
-
-def nice_axis(values, ticks=5, minimum=None):
-    """(low, high, step) of an axis showing `values`: step is 1, 2 or 5 times a power of ten,
-    giving about `ticks` intervals, and low/high are multiples of it with a margin around the data;
-    low stays >= minimum (PQ and GFLOPs are never negative)."""
-    low, high = min(values), max(values)
-    span = high - low
-    if span == 0:  # one point, or all equal (an untrained model's PQ of 0): a small window around it
-        span = abs(high) * 0.1 or 1.0
-        low, high = low - span / 2, high + span / 2
-    low, high = low - 0.08 * span, high + 0.08 * span
-    if minimum is not None:
-        low = max(low, minimum)
-    raw = (high - low) / ticks
-    power = 10 ** math.floor(math.log10(raw))
-    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw * (1 - 1e-9))
-    return math.floor(low / step) * step, math.ceil(high / step) * step, step
-
-
-def _tick_labels(low, high, step):
-    """(value, label) of every tick, with as many decimals as the step needs."""
-    decimals = max(0, -math.floor(math.log10(step) + 1e-9))
-    count = round((high - low) / step)
-    return [(low + i * step, f"{low + i * step:.{decimals}f}") for i in range(count + 1)]
-
-
-def _dot(draw, xy, r=5):
-    draw.ellipse([xy[0] - r, xy[1] - r, xy[0] + r, xy[1] + r], fill=_BLUE)
-
-
-def _cross(draw, xy, r=6):
-    draw.line([(xy[0] - r, xy[1] - r), (xy[0] + r, xy[1] + r)], fill=_RED, width=3)
-    draw.line([(xy[0] - r, xy[1] + r), (xy[0] + r, xy[1] - r)], fill=_RED, width=3)
-
-
-def _axes(image, draw, box, x_axis, y_axis, fonts, title):
-    """Grid, ticks and their labels, the frame over them, the title and the axis labels."""
-    from PIL import ImageDraw
-
-    (left, top, right, bottom), (small, normal, large) = box, fonts
-    width, height = image.size
-
-    def at(x, y):
-        return (left + (x - x_axis[0]) / (x_axis[1] - x_axis[0]) * (right - left),
-                bottom - (y - y_axis[0]) / (y_axis[1] - y_axis[0]) * (bottom - top))
-
-    for value, label in _tick_labels(*x_axis):
-        x = at(value, y_axis[0])[0]
-        draw.line([(x, top), (x, bottom)], fill=_GRID)
-        draw.line([(x, bottom), (x, bottom + 5)], fill=_INK)
-        _text(draw, (x, bottom + 8), label, small, "center-top")
-    for value, label in _tick_labels(*y_axis):
-        y = at(x_axis[0], value)[1]
-        draw.line([(left, y), (right, y)], fill=_GRID)
-        draw.line([(left - 5, y), (left, y)], fill=_INK)
-        _text(draw, (left - 8, y), label, small, "right-middle")
-    draw.rectangle([left, top, right, bottom], outline=_INK)
-    _text(draw, ((left + right) / 2, 18), title, large, "center-top")
-    _text(draw, ((left + right) / 2, height - 22), "total GFLOPs (mean per image)", normal, "center-bottom")
-    label = Image.new("RGB", (160, 24), "white")  # the y label, drawn level and turned upright
-    _text(ImageDraw.Draw(label), (80, 12), "PQ", normal, "center-middle")
-    image.paste(label.rotate(90, expand=True), (12, int((top + bottom) / 2 - 80)))
-    return at
-
-
-def plot_sweep(rows, path, title="PQ vs. GFLOPs"):
-    """PQ against mean total GFLOPs, as ECO-M2F's Fig. 5: the fixed exits as blue dots joined by a
-    line (in exit order) and labelled with k, the gates as red crosses labelled with β (or their
-    name), with axes, ticks, grid, title and legend. Rows without PQ or GFLOPs are left out.
-    Writes an RGB PNG of SWEEP_PLOT_SIZE."""
-    from PIL import ImageDraw
-
-    width, height = SWEEP_PLOT_SIZE
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    (small, normal, large), beta = _fonts((13, 15, 18))
-    box = left, top, right, bottom = 90, 55, width - 200, height - 75  # the plot area; the legend goes right of it
-    points = [r for r in rows if r["PQ"] is not None and r["total_GFLOPs"] is not None]
-    x_axis = nice_axis([r["total_GFLOPs"] for r in points] or [0.0, 1.0], minimum=0)
-    y_axis = nice_axis([r["PQ"] for r in points] or [0.0, 1.0], minimum=0)
-    at = _axes(image, draw, box, x_axis, y_axis, (small, normal, large), title)
-
-    fixed = sorted((r for r in points if r["kind"] == "exit"), key=lambda r: r["exit"])
-    if len(fixed) > 1:
-        draw.line([at(r["total_GFLOPs"], r["PQ"]) for r in fixed], fill=_BLUE, width=2)
-    for r in fixed:
-        xy = at(r["total_GFLOPs"], r["PQ"])
-        _dot(draw, xy)
-        _text(draw, (xy[0] - 6, xy[1] - 6), str(r["exit"]), small, "right-bottom", _BLUE)  # clear of the line
-    for r in points:
-        if r["kind"] == "gate":
-            xy = at(r["total_GFLOPs"], r["PQ"])
-            _cross(draw, xy)
-            text = r["name"] if r["beta"] is None else f"{beta}={beta_text(r['beta'])}"
-            _text(draw, (xy[0] + 9, xy[1] - 4), text, small, "left-bottom", _RED)  # gates tend to sit above the curve
-    if not points:
-        _text(draw, ((left + right) / 2, (top + bottom) / 2), "no rows with PQ and GFLOPs", normal, "center-middle")
-
-    # Legend, right of the plot area.
-    x0, y0 = right + 20, top + 10
-    draw.rectangle([x0, y0, width - 15, y0 + 62], outline=_INK)
-    draw.line([(x0 + 10, y0 + 18), (x0 + 40, y0 + 18)], fill=_BLUE, width=2)
-    _dot(draw, (x0 + 25, y0 + 18))
-    _text(draw, (x0 + 50, y0 + 18), "fixed exit k", normal, "left-middle")
-    _cross(draw, (x0 + 25, y0 + 44))
-    _text(draw, (x0 + 50, y0 + 44), f"gate ({beta})", normal, "left-middle")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-
-
-def sweep_parser():
-    parser = argparse.ArgumentParser(
-        prog="evaluate.py sweep",
-        description="ECO-M2F's accuracy-cost trade-off: evaluate every fixed exit and every gate on one split; "
-                    "DIR/sweep.json, sweep.md (as the paper's Table 4) and sweep.png (PQ vs. GFLOPs, as its Fig. 5).",
-        epilog="Put key=value overrides after the other arguments, not right after --exits or --gates "
-               "(those take every following value).")
-    parser.add_argument("--config", required=True, help="YAML config")
-    parser.add_argument("--weights", required=True, help="checkpoint (Step A's, trained with exits)")
-    parser.add_argument("--exits", type=int, nargs="*", default=None,
-                        help="fixed exits to evaluate (default: every one, 1..model.encoder.layers; "
-                             "--exits alone: none)")
-    parser.add_argument("--gates", nargs="+", default=[], help="gate files from gate.py (one per β)")
-    parser.add_argument("--out", required=True, help="output folder")
-    add_evaluation_options(parser, vis=0)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace rows evaluated with other weights or another config in --out")
-    parser.add_argument("--reuse", action="store_true",
-                        help="keep a row whose folder already has a matching metrics.json instead of evaluating again")
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    return parser
-
-
-def evaluation_source(cfg, weights) -> dict:
-    """What an evaluation was made from, stored in its metrics.json: the weights file (path, size,
-    modification time) and the whole resolved config, as JSON reads it back (so that a stored
-    source compares equal). `sweep --reuse` reuses only an exact match."""
-    stat = Path(weights).stat()
-    source = {"weights": str(Path(weights).resolve()), "weights_size": stat.st_size,
-              "weights_mtime": stat.st_mtime, "config": config_to_dict(cfg)}
-    return json.loads(json.dumps(source))
 
 
 def stored_metrics(folder):
@@ -609,7 +520,7 @@ def sweep_runs(args, model, gates, out):
 
 def run_sweep(args):
     """Evaluate the fixed exits and the gates with one model, then write the table and the plot."""
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.weights, args.overrides)
     for path in args.gates:
         if "=" in Path(path).name and not Path(path).exists():
             raise ValueError(f"--gates {path}: no such gate file (a key=value override right after "
@@ -617,12 +528,12 @@ def run_sweep(args):
     dataset, model, gates = load_model_and_gate(cfg, args, args.gates)
     out = Path(args.out)
     runs = sweep_runs(args, model, gates, out)
-    source = evaluation_source(cfg, args.weights)
-    for run in runs:  # before anything is evaluated
+    sources = [evaluation_source(cfg, args.weights, args.split, run[4]) for run in runs]
+    for run, source in zip(runs, sources):  # before anything is evaluated
         check_evaluation_folder(run[3], source, args.overwrite)
     images = len(dataset) if args.max_images is None else min(args.max_images, len(dataset))
     rows = []
-    for name, exit, gate, folder, gate_path in runs:
+    for (name, exit, gate, folder, gate_path), source in zip(runs, sources):
         metrics = _reusable(folder, images, exit, gate, source) if args.reuse else None
         if metrics is not None:
             print(f"sweep: {name}: reusing {folder}/metrics.json")
@@ -639,25 +550,51 @@ def run_sweep(args):
                "images": images, "device": str(args.device), "rows": rows}
     atomic_write_text(out / "sweep.json", json.dumps(summary, indent=2))
     atomic_write_text(out / "sweep.md", table + "\n")
-    plot_sweep(rows, out / "sweep.png", f"PQ vs. GFLOPs: {Path(args.config).stem}, {args.split}, {images} images")
+    plot_sweep(rows, out / "sweep.png", f"PQ vs. GFLOPs: {Path(args.config or args.weights).stem}, {args.split}, "
+                                        f"{images} images")
     print(table)
     print(f"written to {out}/sweep.json, sweep.md, sweep.png")
     return rows
 
 
+# ---- predict and export (predict.py) -------------------------------------------------------------
+
+
+def load_trained(args):
+    """The config (--config, or the one stored in --weights) and the model with the weights
+    (strict), in eval mode on args.device."""
+    cfg = load_run_config(args.config, args.weights, args.overrides)
+    model = build_model(cfg)
+    load_weights(model, args.weights)
+    return cfg, model.to(check_device(getattr(args, "device", "cpu"))).eval()
+
+
+def run_predict_command(args):
+    cfg, model = load_trained(args)
+    gate = load_gate(args.gate, model).to(args.device) if args.gate else None
+    return run_predict(model, cfg, args, gate=gate)
+
+
+def run_export(args):
+    if Path(args.out).exists() and not args.overwrite:
+        raise ValueError(f"{args.out}: exists; pass --overwrite to replace it")
+    cfg, model = load_trained(args)
+    check_exit(model.encoder, args.exit, "--exit")
+    export_network(model.cpu(), size=args.size, fmt=args.format, out=args.out, exit=args.exit)
+    print(f"exported {Path(args.weights).name} at {args.size[0]}x{args.size[1]} ({args.format}) to {args.out}")
+
+
+RUN = {"eval": run_eval, "sweep": run_sweep, "flops": run_flops, "report": run_report,
+       "predict": run_predict_command, "export": run_export}
+
+
 def main(argv=None):
-    """`evaluate.py flops ...` counts GFLOPs; `evaluate.py report ...` tabulates evaluations;
-    `evaluate.py sweep ...` evaluates every exit and gate; `evaluate.py [eval] ...` evaluates a checkpoint."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("flops", "eval", "report", "sweep") else "eval"
-    if command == "flops":
-        run_flops(flops_parser().parse_args(argv))
-    elif command == "report":
-        run_report(report_parser().parse_args(argv))
-    elif command == "sweep":
-        run_sweep(sweep_parser().parse_args(argv))
-    else:
-        run_eval(eval_parser().parse_args(argv))
+    """`evaluate.py [eval] ...` evaluates a checkpoint; `sweep` every exit and gate; `flops` counts
+    GFLOPs; `report` tabulates evaluations; `predict` runs a model on images; `export` exports it."""
+    command, args = parse_args(argv)
+    if getattr(args, "device", "cpu") is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    RUN[command](args)
 
 
 if __name__ == "__main__":

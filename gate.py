@@ -13,8 +13,9 @@ parent model stays frozen. A smaller maximum exit retargets the gate to a smalle
 At inference, `model.forward_gated(images, gate)` lets the gate choose every image's exit; in a
 batch each encoder layer runs only on the images that still need it.
 
-Like data.py, this file is a module (the gate, its files) with a command (Step C) at the end: the
-evaluation imports the gate from here, and this file imports nothing from the other scripts.
+Like data.py, this file is a module (the gate, its files) with a command (Step C): the evaluation
+imports the gate from here, and this file imports nothing from the other scripts. The command's
+argument parser comes first, before torch is imported, so that --help answers at once.
 """
 import argparse
 import json
@@ -23,17 +24,46 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-from tqdm import tqdm
-
-import data
-from config import atomic_save, load_config, load_weights, run_command
-from encoders import check_exit
-from model import build_model
+from config import atomic_save, load_config, load_run_config, load_weights, run_command
 
 LOSSES = ("hard-ce", "u-ce", "soft-ce", "soft-mse")
+
+
+# ---- the command line of Step C (first, and light: --help and config errors answer before torch loads)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--weights", required=True, help="the Step A checkpoint")
+    parser.add_argument("--config", help="YAML config of the parent model (default: the one stored in the weights)")
+    parser.add_argument("--derived", required=True, help="Step B's derived.jsonl")
+    parser.add_argument("--beta", type=float, help="trade-off β of u(k) = q_k - β·k (default gate.beta)")
+    parser.add_argument("--loss", choices=LOSSES, help="gate loss (default gate.loss, hard-ce)")
+    parser.add_argument("--exits", type=int, nargs="+", help="exits the gate chooses among (default gate.exits)")
+    parser.add_argument("--out", required=True, help="where to write gate.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing gate file at --out")
+    parser.add_argument("--cache", help="cache of the gate inputs (default <derived>.gate_inputs.pt)")
+    parser.add_argument("--split", default="train", help="the split the derived set was made on")
+    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    parser.add_argument("--debug", action="store_true", help="show the whole traceback of an error")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    args = parser.parse_args(argv)
+    if args.config:  # its errors come before torch loads
+        load_config(args.config, args.overrides)
+    return args
+
+
+if __name__ == "__main__":  # answer --help, a bad option or config at once, before torch loads
+    run_command(parse_args)
+
+import torch  # noqa: E402  (after the command line)
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import data  # noqa: E402
+from encoders import check_exit  # noqa: E402
+from model import build_model  # noqa: E402
 
 
 class Gate(nn.Module):
@@ -239,26 +269,9 @@ def print_summary(gate, features, q, exits, beta, loss):
     print(f"accuracy on the derived set: {100 * (chosen == targets).double().mean():.1f}%")
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config of the parent model")
-    parser.add_argument("--weights", required=True, help="the Step A checkpoint")
-    parser.add_argument("--derived", required=True, help="Step B's derived.jsonl")
-    parser.add_argument("--beta", type=float, help="trade-off β of u(k) = q_k - β·k (default gate.beta)")
-    parser.add_argument("--loss", choices=LOSSES, help="gate loss (default gate.loss, hard-ce)")
-    parser.add_argument("--exits", type=int, nargs="+", help="exits the gate chooses among (default gate.exits)")
-    parser.add_argument("--out", required=True, help="where to write gate.pt")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing gate file at --out")
-    parser.add_argument("--cache", help="cache of the gate inputs (default <derived>.gate_inputs.pt)")
-    parser.add_argument("--split", default="train", help="the split the derived set was made on")
-    parser.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    return parser.parse_args(argv)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.weights, args.overrides)
     args.device = data.check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     beta = cfg.gate.beta if args.beta is None else args.beta
     loss = args.loss or cfg.gate.loss
@@ -266,7 +279,7 @@ def main(argv=None):
     if Path(args.out).exists() and not args.overwrite:
         raise FileExistsError(f"{args.out}: a gate file is already there; pass --overwrite to replace it")
     if loss not in LOSSES:
-        raise ValueError(f"{args.config}: gate.loss {loss!r} is not one of {', '.join(LOSSES)}")
+        raise ValueError(f"{args.config or args.weights}: gate.loss {loss!r} is not one of {', '.join(LOSSES)}")
     image_ids, derived_exits, q_all = read_derived(args.derived)
     if not set(args.exits) <= set(derived_exits):
         raise ValueError(f"{args.derived}: the gate's exits {args.exits} are not all among the derived exits "

@@ -17,11 +17,12 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from tqdm import tqdm
 
-from config import atomic_write_text, load_weights
-from data import build_dataset, check_classes, check_device, collate, ids_to_rgb, read_panoptic_png
+from config import atomic_write_text, config_to_dict, load_weights, with_classes
+from data import build_dataset, check_device, collate, ids_to_rgb, read_panoptic_png
 from encoders import check_exit
 from flops import average_gflops
 from model import autocast, build_model
+from visualize import save_visualization
 
 # ---- panoptic quality of one image, in memory (panopticapi semantics) ----------------------
 #
@@ -403,6 +404,7 @@ class Evaluation:
         self.contiguous = dataset.contiguous
         self.to_dataset = {c: d for d, c in dataset.contiguous.items()}  # contiguous class -> dataset id
         self.K = dataset.num_classes
+        self.categories = dataset.categories  # names and colours for the pictures
         self.annotations, self.detections, self.image_ids, self.produced = [], [], [], set()
         self.confusion = np.zeros((self.K + 1, self.K + 1), dtype=np.int64)
 
@@ -434,13 +436,17 @@ class Evaluation:
             self.annotations.append({"image_id": image_id, "file_name": gt_ann["file_name"],
                                      "segments_info": pred_segments})
             if len(self.image_ids) <= self.vis_images:
-                save_visualization(self.out_dir / "vis" / f"{Path(gt_ann['file_name']).stem}.png", sample["image"],
-                                   gt_ids, gt_ann["segments_info"], pred_ids, pred_segments)
-        if "sem_seg" in result:
-            if result["sem_seg"].shape[0] != self.K:
-                raise ValueError(f"the model predicts {result['sem_seg'].shape[0]} classes, the dataset has {self.K}")
+                stem = Path(gt_ann["file_name"]).stem
+                save_visualization(self.out_dir / "vis" / f"{stem}.png", sample["image"], gt_ids,
+                                   gt_ann["segments_info"], pred_ids, pred_segments, categories=self.categories,
+                                   title=stem)
+        if "sem_seg" in result or "sem_seg_labels" in result:  # (K, H, W) scores or their (H, W) argmax
+            labels = result["sem_seg_labels"] if "sem_seg_labels" in result else result["sem_seg"].argmax(0)
+            classes = result["sem_seg"].shape[0] if "sem_seg" in result else int(labels.max()) + 1
+            if classes > self.K or ("sem_seg" in result and classes != self.K):
+                raise ValueError(f"the model predicts {classes} classes, the dataset has {self.K}")
             truth = semantic_from_panoptic(gt_ids, gt_ann["segments_info"], self.contiguous, self.K)
-            self.confusion += confusion_matrix(result["sem_seg"].argmax(0).cpu().numpy(), truth, self.K)
+            self.confusion += confusion_matrix(labels.cpu().numpy(), truth, self.K)
         if "instances" in result:
             inst = result["instances"]
             for mask, score, label in zip(inst["masks"].bool().cpu().numpy(), inst["scores"].tolist(),
@@ -472,6 +478,18 @@ class Evaluation:
         if self.confusion.any():
             metrics.update(semantic_metrics(self.confusion))
         return metrics
+
+
+def evaluation_source(cfg, weights, split=None, gate_file=None) -> dict:
+    """What an evaluation was made from, stored in its metrics.json: the weights file (path, size,
+    modification time), the whole resolved config, as JSON reads it back (so that a stored source
+    compares equal), the split and the gate file. `sweep --reuse` reuses only an exact match; the
+    report rebuilds the model from it to time it."""
+    stat = Path(weights).stat()
+    source = {"weights": str(Path(weights).resolve()), "weights_size": stat.st_size,
+              "weights_mtime": stat.st_mtime, "config": config_to_dict(cfg), "split": split,
+              "gate_file": None if gate_file is None else str(Path(gate_file).resolve())}
+    return json.loads(json.dumps(source))
 
 
 @torch.no_grad()
@@ -515,7 +533,9 @@ def evaluate_dataset(model, dataset, out_dir, *, batch_size=1, exit=None, gate=N
             outputs = run_model(model, images, exit, gate)
         exits += outputs["exits"].tolist() if gate is not None else [exit] * len(batch)
         originals = [(int(s["height"]), int(s["width"])) for s in batch]
-        for sample, result in zip(batch, model.inference(outputs, image_sizes, output_sizes=originals)):
+        # Labels alone for mIoU: no (K, H, W) score map at the original size.
+        results = model.inference(outputs, image_sizes, output_sizes=originals, semantic="labels")
+        for sample, result in zip(batch, results):
             evaluation.add(sample, result)
         sizes += [(tuple(size), original) for size, original in zip(image_sizes, originals)]
 
@@ -543,7 +563,7 @@ def load_evaluation(cfg, config_path, weights, split, device):
     `device`, checked against each other (classes) and against the config (weights)."""
     device = check_device(device)
     dataset = build_dataset(cfg.data, split=split, train=False)
-    check_classes(dataset, cfg.model, config_path)
+    cfg = with_classes(cfg, dataset.categories, config_path, dataset.json_file)  # unset ones from the dataset
     model = build_model(cfg)
     load_weights(model, weights)
     return dataset, model.to(device)
@@ -566,7 +586,7 @@ def measure_fps(model, samples, device="cpu", exit=None, gate=None, amp="fp32", 
         images, sizes = model.preprocess([sample["image"].to(device)])
         with autocast(device.type, amp):
             outputs = run_model(model, images, exit, gate)
-        model.inference(outputs, sizes, output_sizes=[(sample["height"], sample["width"])])
+        model.inference(outputs, sizes, output_sizes=[(sample["height"], sample["width"])], semantic="labels")
 
     def sync():
         if device.type == "cuda":
@@ -584,40 +604,33 @@ def measure_fps(model, samples, device="cpu", exit=None, gate=None, amp="fp32", 
     return 1.0 / float(np.median(times))
 
 
-# ---- pictures: image | ground truth | prediction --------------------------------------------
+def interleaved_times(fns, rounds=5, warmup=1, clock=time.process_time) -> dict:
+    """Time each callable of `fns` ({name: fn()}) once per round, `rounds` rounds, in an order
+    rotated every round, after `warmup` untimed calls of each: {name: [seconds per round]}.
+
+    Interleaving makes every variant see the same drift of a shared machine (other processes,
+    frequency, caches), so per-round ratios are steadier than ratios of separate runs. The default
+    clock is this process's CPU time (all its threads), not wall time."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % max(len(names), 1)
+        for name in names[shift:] + names[:shift]:
+            start = clock()
+            fns[name]()
+            times[name].append(clock() - start)
+    return times
 
 
-def category_color(category_id) -> np.ndarray:
-    """A fixed, bright colour per category id (the same in every picture and run)."""
-    return np.random.default_rng(9973 * int(category_id) + 1).integers(60, 256, size=3).astype(np.uint8)
-
-
-def draw_panoptic(image, ids, segments) -> np.ndarray:
-    """(H, W, 3) uint8: the image dimmed, segments painted in their category's colour, segment
-    borders white (two instances of one class stay apart), void left dark."""
-    out = (0.35 * image).astype(np.uint8)
-    for s in segments:
-        mask = ids == s["id"]
-        out[mask] = (0.35 * image[mask] + 0.65 * category_color(s["category_id"])).astype(np.uint8)
-    border = np.zeros(ids.shape, dtype=bool)
-    border[:-1] |= ids[:-1] != ids[1:]
-    border[:, :-1] |= ids[:, :-1] != ids[:, 1:]
-    out[border] = 255
-    return out
-
-
-def save_visualization(path, image, gt_ids, gt_segments, pred_ids, pred_segments, gap=4):
-    """One PNG: image | ground truth | prediction, at the ground truth's size. image: (3, h, w)
-    uint8 (resized back if needed); segments carry dataset category ids."""
-    H, W = gt_ids.shape
-    image = np.asarray(image.permute(1, 2, 0).cpu() if isinstance(image, torch.Tensor) else image, dtype=np.uint8)
-    if image.shape[:2] != (H, W):
-        image = np.asarray(Image.fromarray(image).resize((W, H), Image.BILINEAR))
-    panels = [image, draw_panoptic(image, gt_ids, gt_segments), draw_panoptic(image, pred_ids, pred_segments)]
-    canvas = np.full((H, 3 * W + 2 * gap, 3), 255, dtype=np.uint8)
-    for k, panel in enumerate(panels):
-        canvas[:, k * (W + gap): k * (W + gap) + W] = panel
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(canvas).save(path)
-
-
+def ratio_summary(times, baseline) -> dict:
+    """Per name of `times` (interleaved_times' output): the median and the (min, max) over rounds
+    of time / the baseline's time in the same round, {name: (median, (min, max))}."""
+    base = times[baseline]
+    summary = {}
+    for name, ts in times.items():
+        ratios = [t / b for t, b in zip(ts, base)]
+        summary[name] = (float(np.median(ratios)), (min(ratios), max(ratios)))
+    return summary

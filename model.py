@@ -17,6 +17,7 @@ import torchvision
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from config import require_classes
 from encoders import MultiheadAttention, build_encoder, check_exit, sine_position_embedding
 
 
@@ -337,8 +338,8 @@ class HungarianMatcher(nn.Module):
     weights.
 
     Random points: exactly one `torch.rand(1, num_points, 2)` is drawn per image, in batch order,
-    also for images without targets (as the official code does). A batched call therefore
-    consumes the RNG exactly like calling the matcher image by image in the same order.
+    also for images without targets (as the official code does), so a batched call consumes the
+    RNG like the matcher called image by image (one rand(B, P, 2) does on CPU, not on CUDA).
     """
 
     def __init__(self, *, cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=12544):
@@ -357,39 +358,42 @@ class HungarianMatcher(nn.Module):
                  image size ((H, W) may differ from (h, w): points are normalised)
         returns: B pairs (pred_idx, tgt_idx) of int64 CPU tensors of length min(Q, n)
         """
-        indices = []
-        for b in range(outputs["pred_logits"].shape[0]):
-            out_mask = outputs["pred_masks"][b]  # (Q, h, w)
-            tgt_labels, tgt_mask = targets[b]["labels"], targets[b]["masks"]  # (n,), (n, H, W)
-            n = tgt_labels.shape[0]
-            # Drawn before the empty check on purpose: keeps the official RNG stream. The same
-            # points serve every (prediction, target) pair, so their costs are comparable.
-            points = torch.rand(1, self.num_points, 2, device=out_mask.device)  # (1, P, 2)
-            if n == 0:
-                empty = torch.empty(0, dtype=torch.int64)
-                indices.append((empty, empty.clone()))
-                continue
-            cost = self.cost_matrix(outputs["pred_logits"][b], out_mask, tgt_labels, tgt_mask, points)  # (Q, n)
-            if not torch.isfinite(cost).all():
-                raise FloatingPointError("non-finite matching cost: the predictions hold NaN or inf")
-            pred_idx, tgt_idx = linear_sum_assignment(cost.cpu().numpy())
-            indices.append((torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64)))
-        return indices
+        masks, sizes = outputs["pred_masks"], [len(t["labels"]) for t in targets]
+        points = torch.cat([torch.rand(1, self.num_points, 2, device=masks.device) for _ in targets])  # (B, P, 2)
+        # The costs of all images at once, only the assignment image by image.
+        cost = self.cost_matrix(outputs["pred_logits"], masks, [t["labels"] for t in targets],
+                                [t["masks"] for t in targets], points).cpu()  # (B, Q, max n)
+        if not all(torch.isfinite(cost[b, :, :n]).all() for b, n in enumerate(sizes)):
+            raise FloatingPointError("non-finite matching cost: the predictions hold NaN or inf")
+        return [tuple(torch.as_tensor(i, dtype=torch.int64) for i in linear_sum_assignment(cost[b, :, :n].numpy()))
+                for b, n in enumerate(sizes)]
 
     def cost_matrix(self, logits, masks, tgt_labels, tgt_masks, points):
-        """C (Q, n) of one image: logits (Q, K+1), mask logits (Q, h, w), target labels (n,) and
-        masks (n, H, W), compared at the normalised points (1, P, 2)."""
-        Q, n = logits.shape[0], tgt_labels.shape[0]
+        """C (B, Q, N) of a batch: logits (B, Q, K+1), mask logits (B, Q, h, w), per image target
+        labels (n_b,) and masks (n_b, H_b, W_b) (lists), compared at each image's normalised points
+        (B, P, 2); N = max n_b, columns from n_b on are padding (0). One image without the batch
+        dim (tensors; points (1, P, 2)) gives its (Q, n)."""
+        if logits.dim() == 2:
+            return self.cost_matrix(logits[None], masks[None], [tgt_labels], [tgt_masks], points)[0]
+        B, Q, N = logits.shape[0], logits.shape[1], max(len(labels) for labels in tgt_labels)
         # fp32 even under mixed precision: sums over ~12k points, small differences matter.
         with torch.autocast(device_type=masks.device.type, enabled=False):
-            prob = logits.float().softmax(-1)  # (Q, K+1)
-            cost_class = -prob[:, tgt_labels.to(prob.device)]  # (Q, n); the 1 of 1-p changes nothing
-            out_points = point_sample(masks[:, None].float(), points.repeat(Q, 1, 1))[:, 0]  # (Q, P)
-            tgt = tgt_masks[:, None].to(device=masks.device, dtype=torch.float32)
-            tgt_points = point_sample(tgt, points.repeat(n, 1, 1))[:, 0]  # (n, P)
-            return (self.cost_mask * pairwise_sigmoid_ce(out_points, tgt_points)
-                    + self.cost_class * cost_class
-                    + self.cost_dice * pairwise_dice(out_points, tgt_points))  # (Q, n)
+            prob = logits.float().softmax(-1)  # (B, Q, K+1)
+            out_points = point_sample(masks.float(), points)  # (B, Q, P): every image in one call
+            cost = prob.new_zeros(B, Q, N)
+            for b, (labels, tgt) in enumerate(zip(tgt_labels, tgt_masks)):
+                if len(labels) == 0:
+                    continue
+                # Per image from here: target sizes may differ, and einsums on (Q, P) x (n_b, P)
+                # give the per-image costs bit for bit (one over targets padded to N rounds
+                # otherwise in MKL, which could flip a near-tie in the assignment).
+                tgt = tgt[None].to(device=masks.device, dtype=torch.float32)  # (1, n_b, H_b, W_b)
+                tgt_points = point_sample(tgt, points[b : b + 1])[0]  # (n_b, P)
+                cost_class = -prob[b][:, labels.to(prob.device)]  # (Q, n_b); the 1 of 1-p changes nothing
+                cost[b, :, : len(labels)] = (self.cost_mask * pairwise_sigmoid_ce(out_points[b], tgt_points)
+                                             + self.cost_class * cost_class
+                                             + self.cost_dice * pairwise_dice(out_points[b], tgt_points))
+            return cost
 
 
 # ---- the set criterion ---------------------------------------------------------------------
@@ -515,6 +519,11 @@ class SetCriterion(nn.Module):
 
 
 # ---- post-processing: per image, on mask logits resized to the output size ------------------
+#
+# Memory-bound: every full-size pass costs about the same. So a mask becomes a probability only
+# where a step uses it, in place on the copy that step gathers anyway (panoptic: the kept queries,
+# instance: the top-k ones), which costs what gathering shared probabilities would; the semantic
+# map, which needs all masks, runs last and converts the resized masks in place.
 
 
 def upsample_predictions(mask_pred, padded_size, image_size, output_size):
@@ -527,7 +536,14 @@ def upsample_predictions(mask_pred, padded_size, image_size, output_size):
     x = mask_pred[None] if single else mask_pred  # (B, Q, h, w)
     x = F.interpolate(x, size=tuple(padded_size), mode="bilinear", align_corners=False)  # (B, Q, Hp, Wp)
     x = x[:, :, : image_size[0], : image_size[1]]  # (B, Q, Hi, Wi)
-    x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)  # (B, Q, Ho, Wo)
+    if tuple(output_size) != tuple(x.shape[-2:]):
+        x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)  # (B, Q, Ho, Wo)
+    else:
+        # Bilinear to the same size is the identity (weights 1 and 0): skipped (the crop made
+        # contiguous as it made it). The papers' code runs it and fvcore prices it (4 per value), so
+        # it runs on a meta stand-in: no time, and flops.py still counts it.
+        F.interpolate(torch.empty_like(x, device="meta"), size=tuple(output_size), mode="bilinear", align_corners=False)
+        x = x.contiguous()
     return x[0] if single else x
 
 
@@ -540,6 +556,18 @@ def semantic_inference(mask_cls, mask_pred):
     return torch.einsum("qc,qhw->chw", probs, mask_pred.sigmoid())
 
 
+def semantic_labels(mask_cls, probs, pixels=4096):
+    """The per-pixel argmax of semantic_inference without its (K, H, W) float map: the same einsum
+    on bands of about `pixels` pixels (same scores, bit for bit), classes last for a contiguous argmax.
+
+    mask_cls (Q, K+1) logits, probs (Q, H, W) mask probabilities -> (H, W) int64
+    """
+    class_probs = F.softmax(mask_cls, dim=-1)[..., :-1]  # (Q, K)
+    rows = max(1, pixels // max(probs.shape[-1], 1))
+    return torch.cat([torch.einsum("qc,qhw->hwc", class_probs, probs[:, r : r + rows]).argmax(-1)  # (rows, W)
+                      for r in range(0, probs.shape[-2], rows)])
+
+
 def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8, overlap_threshold=0.8):
     """The panoptic map: every pixel goes to the kept query with the highest score·probability.
 
@@ -548,38 +576,41 @@ def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8,
     dropped; stuff queries of one class merge into one segment.
 
     mask_cls (Q, K+1) logits; mask_pred (Q, H, W) logits; is_thing (K,) bool.
-    Returns the (H, W) int32 id map (0 = void) and segments_info [{"id", "isthing", "category_id"}].
+    Returns the (H, W) int32 id map (0 = void) and segments_info [{"id", "isthing", "category_id", "score"}].
     """
     K = mask_cls.shape[-1] - 1
     scores, labels = F.softmax(mask_cls, dim=-1).max(-1)  # (Q,), (Q,)
-    probs = mask_pred.sigmoid()  # (Q, H, W)
-    keep = labels.ne(K) & (scores > object_mask_threshold)
-    scores, labels, probs = scores[keep], labels[keep], probs[keep]
-    panoptic = torch.zeros(probs.shape[-2:], dtype=torch.int32, device=probs.device)
-    segments = []
-    if probs.shape[0] == 0:
-        return panoptic, segments
+    kept = (labels.ne(K) & (scores > object_mask_threshold)).nonzero()[:, 0]  # (n,)
+    scores, labels = scores[kept], labels[kept]
+    probs = mask_pred.index_select(0, kept).sigmoid_()  # (n, H, W)
+    panoptic = torch.zeros(mask_pred.shape[-2:], dtype=torch.int32, device=mask_pred.device)
+    n = len(labels)
+    if n == 0:
+        return panoptic, []
     winner = (scores[:, None, None] * probs).argmax(0)  # (H, W): index into the kept queries
-    stuff_ids = {}
+    own = probs >= 0.5  # (n, H, W)
+    in_own = own.gather(0, winner[None])[0]  # (H, W): the pixel lies in its winner's own mask
+    # Areas of every kept query at once: won, own, and won & own (the segment it would paint).
+    won_area = torch.bincount(winner.flatten(), minlength=n).tolist()
+    own_area = own.flatten(1).sum(1).tolist()
+    segment_area = torch.bincount(winner[in_own], minlength=n).tolist()
+    segment_of = [0] * n  # kept query -> its segment id (0: dropped)
+    segments, stuff_ids = [], {}
     for k, label in enumerate(labels.tolist()):
-        won = winner == k
-        own = probs[k] >= 0.5
-        won_area, own_area = won.sum().item(), own.sum().item()
-        mask = won & own
-        if won_area == 0 or own_area == 0 or not mask.any():
+        if won_area[k] == 0 or own_area[k] == 0 or segment_area[k] == 0:
             continue
-        if won_area / own_area < overlap_threshold:
+        if won_area[k] / own_area[k] < overlap_threshold:
             continue  # mostly covered by others: an occluded duplicate
         thing = bool(is_thing[label])
         if not thing and label in stuff_ids:
-            panoptic[mask] = stuff_ids[label]
+            segment_of[k] = stuff_ids[label]
             continue
-        segment_id = len(segments) + 1
+        segment_of[k] = len(segments) + 1
         if not thing:
-            stuff_ids[label] = segment_id
-        panoptic[mask] = segment_id
-        segments.append({"id": segment_id, "isthing": thing, "category_id": label})
-    return panoptic, segments
+            stuff_ids[label] = segment_of[k]
+        segments.append({"id": segment_of[k], "isthing": thing, "category_id": label, "score": float(scores[k])})
+    table = torch.tensor(segment_of, dtype=torch.int32, device=panoptic.device)  # (n,)
+    return torch.where(in_own, table[winner], panoptic), segments
 
 
 def instance_inference(mask_cls, mask_pred, is_thing, num_queries_topk=100, panoptic_on=True):
@@ -591,16 +622,19 @@ def instance_inference(mask_cls, mask_pred, is_thing, num_queries_topk=100, pano
     "labels": (n,)} in top-k (unsorted) order.
     """
     Q, K = mask_cls.shape[0], mask_cls.shape[1] - 1
-    probs = F.softmax(mask_cls, dim=-1)[:, :-1]  # (Q, K)
-    scores, idx = probs.flatten().topk(min(num_queries_topk, Q * K), sorted=False)  # over (query, class) pairs
+    class_probs = F.softmax(mask_cls, dim=-1)[:, :-1]  # (Q, K)
+    scores, idx = class_probs.flatten().topk(min(num_queries_topk, Q * K), sorted=False)  # over (query, class) pairs
     labels, queries = idx % K, idx // K
     if panoptic_on:
         thing = is_thing.to(labels.device)[labels]
         scores, labels, queries = scores[thing], labels[thing], queries[thing]
-    logits = mask_pred[queries]  # (n, H, W)
+    # A query in several pairs: its mask and mask score are computed once.
+    unique, pair_query = queries.unique(return_inverse=True)  # (u,), (n,)
+    logits = mask_pred.index_select(0, unique)  # (u, H, W)
     masks = (logits > 0).float()
-    mask_scores = (logits.sigmoid() * masks).flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)
-    return {"masks": masks, "scores": scores * mask_scores, "labels": labels}
+    inside = logits.sigmoid_().mul_(masks)  # (u, H, W): the probabilities inside the binary masks
+    mask_scores = inside.flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)  # (u,)
+    return {"masks": masks.index_select(0, pair_query), "scores": scores * mask_scores[pair_query], "labels": labels}
 
 
 AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -618,11 +652,11 @@ def autocast(device_type, amp):
 
 
 class Mask2Former(nn.Module):
-    """backbone -> encoder -> decoder; the criterion in training, post-processing in inference."""
+    """backbone -> encoder -> decoder of a ModelConfig; the criterion in training, post-processing in inference."""
 
     def __init__(self, cfg):
-        """cfg: a ModelConfig."""
         super().__init__()
+        require_classes(cfg)  # None (the dataset's) is resolved before a model is built: one clear line
         if any(not 0 <= k < cfg.num_classes for k in cfg.thing_classes):
             raise ValueError(f"thing_classes must lie in 0..{cfg.num_classes - 1}")
         self.cfg = cfg
@@ -721,14 +755,17 @@ class Mask2Former(nn.Module):
         return torch.autocast(tensor.device.type, enabled=False) if tensor.device.type != "meta" else nullcontext()
 
     @torch.no_grad()
-    def inference(self, outputs, image_sizes, output_sizes=None):
+    def inference(self, outputs, image_sizes, output_sizes=None, semantic="scores"):
         """Post-process the final predictions of `forward` for every image.
 
         image_sizes: (H_i, W_i) of each image inside the padded batch; output_sizes: the sizes to
         resize to (the original image sizes; default image_sizes). Returns per image a dict with
-        "sem_seg" (K, H, W), "panoptic_seg" ((H, W) int32 ids, segments_info) and "instances"
-        {"masks", "scores", "labels"}, as enabled in the InferenceConfig.
+        "sem_seg" (K, H, W) (semantic="labels": "sem_seg_labels", the (H, W) int64 argmax
+        instead), "panoptic_seg" ((H, W) int32 ids, segments_info) and "instances" {"masks",
+        "scores", "labels"}, as enabled in the InferenceConfig.
         """
+        if semantic not in ("scores", "labels"):
+            raise ValueError(f"semantic={semantic!r}: 'scores' or 'labels'")
         cfg = self.cfg.inference
         output_sizes = output_sizes or image_sizes
         masks = outputs["pred_masks"]  # (B, Q, H/s, W/s) of the padded batch
@@ -741,17 +778,19 @@ class Mask2Former(nn.Module):
             mask_pred = upsample_predictions(mask_pred.float(), padded, size, out_size)  # (Q, H_out, W_out)
             logits = logits.float()
             result = {}
-            if cfg.semantic:
-                result["sem_seg"] = semantic_inference(logits, mask_pred)
             # On the meta device (FLOP counting from shapes) the panoptic and instance steps are
             # skipped: they look at values, and hold no counted op.
             values = not mask_pred.is_meta
             if cfg.panoptic and values:
-                result["panoptic_seg"] = panoptic_inference(logits, mask_pred, is_thing,
-                                                            cfg.object_mask_threshold, cfg.overlap_threshold)
+                result["panoptic_seg"] = panoptic_inference(logits, mask_pred, is_thing, cfg.object_mask_threshold,
+                                                            cfg.overlap_threshold)
             if cfg.instance and values:
                 result["instances"] = instance_inference(logits, mask_pred, is_thing, cfg.topk_per_image,
                                                          panoptic_on=cfg.panoptic)
+            if cfg.semantic and semantic == "labels":  # last: the masks become probabilities in place
+                result["sem_seg_labels"] = semantic_labels(logits, mask_pred.sigmoid_())
+            elif cfg.semantic:
+                result["sem_seg"] = semantic_inference(logits, mask_pred)
             results.append(result)
         return results
 

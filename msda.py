@@ -330,6 +330,14 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
+    def offsets_and_logits(self, query):
+        """sampling_offsets(query) and attention_weights(query) as one GEMM over the stacked
+        weights (one pass over the queries instead of two; the same FLOPs, the same parameters).
+        query (N, Lq, C) -> (N, Lq, M·L·P·2), (N, Lq, M·L·P): views into one output."""
+        a, b = self.sampling_offsets, self.attention_weights
+        both = F.linear(query, torch.cat([a.weight, b.weight]), torch.cat([a.bias, b.bias]))
+        return both.split([a.out_features, b.out_features], dim=-1)
+
     def forward(self, query, reference_points, value, spatial_shapes):
         """query (N, Lq, C); reference_points (N, Lq, L, 2) as (x, y) in [0, 1];
         value (N, S, C) with S = Σ H_l·W_l; spatial_shapes: L pairs (H_l, W_l) of ints.
@@ -337,8 +345,9 @@ class MSDeformAttn(nn.Module):
         N, Lq, _ = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
         v = self.value_proj(value).view(N, value.shape[1], M, self.d_model // M)  # (N, S, M, D)
-        offsets = self.sampling_offsets(query).view(N, Lq, M, L, P, 2)
-        weights = self.attention_weights(query).view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
+        offsets, logits = self.offsets_and_logits(query)  # (N, Lq, M·L·P·2), (N, Lq, M·L·P)
+        offsets = offsets.view(N, Lq, M, L, P, 2)
+        weights = logits.view(N, Lq, M, L * P).softmax(-1).view(N, Lq, M, L, P)
         # Offsets are in pixels of each level: divide by (W_l, H_l) to normalise (one fused
         # multiply-add over the samples: 2.4x faster on the CPU than the broadcast add of a division).
         scale = query.new_tensor([[1.0 / w, 1.0 / h] for h, w in spatial_shapes])  # (L, 2)

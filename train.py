@@ -11,26 +11,53 @@ weight decay on norms, embeddings and Swin's relative position tables; the whole
 clipped at L2 norm 0.01; step or poly schedule by iteration; mixed precision with the encoder
 kept in fp32. The run directory holds config.yaml (the resolved config), metrics.jsonl (one JSON
 line per logged step and per evaluation), checkpoint.pt (everything needed to resume, written
-atomically) and model_final.pt (weights and config).
+atomically) and model_final.pt (weights and config). Both also store the dataset's classes
+(names, isthing, colours). A config may leave model.num_classes / model.thing_classes unset: they
+are then the categories of data.train.json, read before the model is built (set ones are checked
+against it there).
 """
 import argparse
-import json
-import random
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from tqdm import tqdm
+from config import load_config, run_command
 
-import data
-from config import (atomic_save, config_from_dict, config_to_dict, load_config, load_weights, run_command,
-                    save_config)
+
+def parse_args(argv=None):
+    """The options and the config they name; needs no torch (see the __main__ line below it)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument("--out", help="run directory (default runs/<config name>)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace the run already in <out>")
+    parser.add_argument("--init", help="initial weights (ours or an official .pkl); optimizer starts fresh")
+    parser.add_argument("--debug", action="store_true", help="show the whole traceback of an error (or M2F_DEBUG=1)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
+    args = parser.parse_args(argv)
+    if args.resume and (args.init or args.overwrite):
+        parser.error("--resume excludes --init and --overwrite")
+    args.cfg = load_config(args.config, args.overrides)
+    return args
+
+
+if __name__ == "__main__":  # answer --help, a bad option or config in a blink, before torch loads
+    run_command(parse_args)
+
+import json  # noqa: E402  (the heavy imports come after the early answers above)
+import random  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import data  # noqa: E402
+from config import (atomic_save, config_from_dict, config_to_dict, load_weights, save_config,  # noqa: E402
+                    with_classes)
 from data import distributed, setup_distributed
 from encoders import check_exit
-from metrics import evaluate_dataset
+from metrics import evaluate_dataset, evaluation_source
 from model import AMP_DTYPES, autocast, build_model
 
 NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm,
@@ -138,9 +165,10 @@ def set_rng_state(state):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(path, model, optimizer, scaler, step, cfg, world_size):
-    """Everything to resume exactly: weights, optimizer, grad scaler, step and every rank's RNG.
-    All ranks call it (to gather their RNG states); rank 0 writes."""
+def save_checkpoint(path, model, optimizer, scaler, step, cfg, world_size, classes):
+    """Everything to resume exactly: weights, optimizer, grad scaler, step and every rank's RNG;
+    with the config and the dataset's classes. All ranks call it (to gather their RNG states);
+    rank 0 writes."""
     states = [None] * world_size
     if distributed():
         dist.all_gather_object(states, rng_state())
@@ -149,7 +177,7 @@ def save_checkpoint(path, model, optimizer, scaler, step, cfg, world_size):
     if not distributed() or dist.get_rank() == 0:
         atomic_save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "rng": states, "config": config_to_dict(cfg),
-                     "world_size": world_size}, path)
+                     "world_size": world_size, "classes": classes}, path)
 
 
 def unwrap(model):
@@ -293,11 +321,15 @@ def train(cfg, out_dir, resume=False, init=None, overwrite=False):
         raise ValueError(f"train.batch_size {tc.batch_size} is not divisible by {world_size} processes")
     per_rank = tc.batch_size // world_size
     check_run_folder(out_dir, resume, overwrite)
+    # The classes first, from the JSON, so that a wrong one fails in seconds, not after the model.
+    dataset = data.build_dataset(cfg.data, split="train", train=True)
+    classes = dataset.categories
+    if rank == 0 and None in (cfg.model.num_classes, cfg.model.thing_classes):
+        print(f"classes from {dataset.json_file}: {len(classes)}, {sum(c['isthing'] for c in classes)} of them things")
+    cfg = with_classes(cfg, classes, "the config", dataset.json_file)
     checkpoint_path = out_dir / "checkpoint.pt"
     checkpoint = load_resume_checkpoint(checkpoint_path, cfg, world_size) if resume else None
     model = setup_model(cfg, device, init, rank)
-    dataset = data.build_dataset(cfg.data, split="train", train=True)
-    data.check_classes(dataset, cfg.model, cfg.data.train.json)
     start = checkpoint["step"] if checkpoint else 0
     loader = data.build_train_loader(cfg.data, dataset, batch_size_per_rank=per_rank, seed=tc.seed, rank=rank,
                                      world_size=world_size, start=start * per_rank)
@@ -333,24 +365,27 @@ def train(cfg, out_dir, resume=False, init=None, overwrite=False):
                 record = log_step(log, writer, done, loss, losses, exit, lr, seconds)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
         if done % tc.checkpoint_every == 0 or done == tc.iterations:
-            save_checkpoint(checkpoint_path, model, optimizer, scaler, done, cfg, world_size)
+            save_checkpoint(checkpoint_path, model, optimizer, scaler, done, cfg, world_size, classes)
         if tc.evaluate and tc.eval_every and done % tc.eval_every == 0 and done != tc.iterations:
-            run_evaluation(model, cfg, out_dir / f"eval_{done:07d}", done, log, device)
+            run_evaluation(model, cfg, out_dir / f"eval_{done:07d}", done, log, device, checkpoint_path)
     if rank == 0:
         bar.close()
-        atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg)}, out_dir / "model_final.pt")
+        atomic_save({"model": model.state_dict(), "config": config_to_dict(cfg), "classes": classes},
+                    out_dir / "model_final.pt")
     if tc.evaluate:
-        run_evaluation(model, cfg, out_dir / "eval", tc.iterations, log, device)
+        run_evaluation(model, cfg, out_dir / "eval", tc.iterations, log, device, out_dir / "model_final.pt")
     if distributed():
         dist.destroy_process_group()
     return model
 
 
-def run_evaluation(model, cfg, out_dir, step, log, device):
-    """Evaluate on the val split on rank 0 (the one with a log) while the other ranks wait."""
+def run_evaluation(model, cfg, out_dir, step, log, device, weights):
+    """Evaluate on the val split on rank 0 (the one with a log) while the other ranks wait;
+    `weights`: the file holding these weights, recorded in metrics.json (the report times it)."""
     if log is not None:
         dataset = data.build_dataset(cfg.data, split="val", train=False)
-        metrics = evaluate_dataset(model, dataset, out_dir, device=device)
+        metrics = evaluate_dataset(model, dataset, out_dir, device=device,
+                                   source=evaluation_source(cfg, weights, split="val"))
         model.train()
         log.write({"step": step, "eval": metrics})
         print(f"iteration {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
@@ -359,20 +394,10 @@ def run_evaluation(model, cfg, out_dir, step, log, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config")
-    parser.add_argument("--out", help="run directory (default runs/<config name>)")
-    parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    parser.add_argument("--overwrite", action="store_true", help="replace the run already in <out>")
-    parser.add_argument("--init", help="initial weights (ours or an official .pkl); optimizer starts fresh")
-    parser.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
-    args = parser.parse_args(argv)
-    if args.resume and (args.init or args.overwrite):
-        parser.error("--resume excludes --init and --overwrite")
-    cfg = load_config(args.config, args.overrides)
+    args = parse_args(argv)
     out = Path(args.out or Path("runs") / Path(args.config).stem)
     try:
-        train(cfg, out, resume=args.resume, init=args.init, overwrite=args.overwrite)
+        train(args.cfg, out, resume=args.resume, init=args.init, overwrite=args.overwrite)
     except KeyboardInterrupt:
         print_resume_hint(out, args)
         return 130

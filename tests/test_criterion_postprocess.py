@@ -334,7 +334,8 @@ def test_panoptic_inference_hand_made():
     seg, info = panoptic_inference(mask_cls, mask_pred, is_thing)
     assert seg.dtype == torch.int32
     assert torch.equal(seg, expected), f"\n{seg}\n{expected}"
-    assert info == expected_info
+    assert [{k: v for k, v in s.items() if k != "score"} for s in info] == expected_info
+    assert all(0.8 < s["score"] <= 1 for s in info)  # a kept query's class probability
     # the occluded q6 is kept once the overlap threshold allows 0.75
     seg2, info2 = panoptic_inference(mask_cls, mask_pred, is_thing, overlap_threshold=0.7)
     assert (seg2[7, 1:4] > 0).all() and len(info2) == 7

@@ -16,6 +16,7 @@ from PIL import Image
 import evaluate
 import flops
 import synthetic
+import visualize
 from metrics import METRIC_KEYS, evaluate_dataset
 from conftest import ROOT
 
@@ -190,7 +191,7 @@ def test_sweep_end_to_end(eco, capsys):
     assert "\n".join(table) in printed  # the table is printed too
 
     with Image.open(out / "sweep.png") as picture:
-        assert picture.size == evaluate.SWEEP_PLOT_SIZE and picture.mode == "RGB"
+        assert picture.size == visualize.SWEEP_PLOT_SIZE and picture.mode == "RGB"
         colours = {colour for _, colour in picture.getcolors(maxcolors=1 << 20)}
     assert (31, 119, 180) in colours and (214, 39, 40) in colours  # blue exits, red gate
 
@@ -205,14 +206,14 @@ def test_plot_handles_flat_and_missing_values(tmp_path):
     rows = [evaluate.sweep_row(f"exit {k}", "exit", {"PQ": 0.0, "GFLOPs": 0.1 * k, "GFLOPs_parts": {"encoder": k}},
                                f"exit_{k}", exit=k) for k in (1, 2)]
     rows.append(evaluate.sweep_row("g", "gate", {"PQ": None, "GFLOPs": 0.15}, "gate_g"))
-    evaluate.plot_sweep(rows, tmp_path / "flat.png")
-    evaluate.plot_sweep([], tmp_path / "empty.png")
+    visualize.plot_sweep(rows, tmp_path / "flat.png")
+    visualize.plot_sweep([], tmp_path / "empty.png")
     for name in ("flat.png", "empty.png"):
         with Image.open(tmp_path / name) as picture:
-            assert picture.size == evaluate.SWEEP_PLOT_SIZE
-    low, high, step = evaluate.nice_axis([0.0512, 0.0563])
+            assert picture.size == visualize.SWEEP_PLOT_SIZE
+    low, high, step = visualize.nice_axis([0.0512, 0.0563])
     assert low <= 0.0512 and high >= 0.0563 and step in (0.001, 0.002, 0.0005)
-    assert evaluate.nice_axis([0.0, 0.0], minimum=0)[0] == 0  # a flat PQ of 0 does not go negative
+    assert visualize.nice_axis([0.0, 0.0], minimum=0)[0] == 0  # a flat PQ of 0 does not go negative
 
 
 # ---- flops --exit ---------------------------------------------------------------------------
@@ -280,6 +281,7 @@ def test_report_row_names_may_contain_equals_signs(tmp_path, capsys):
     folder = tmp_path / "gate"
     folder.mkdir()
     (folder / "metrics.json").write_text(json.dumps({"PQ": 50.0, "GFLOPs": 1.5, "GFLOPs_parts": {"encoder": 0.5}}))
-    evaluate.main(["report", f"gate, β=0.02={folder}", "--out", str(tmp_path / "report.md")])
-    assert "| gate, β=0.02 | 50.00 |" in capsys.readouterr().out
+    (folder / "predictions.json").write_text(json.dumps({"annotations": [{"image_id": 1}, {"image_id": 2}]}))
+    evaluate.main(["report", f"gate, β=0.02={folder}", "--out", str(tmp_path / "report.md"), "--speed-images", "0"])
+    assert "| gate, β=0.02 | 2 | 50.00 |" in capsys.readouterr().out
     assert (tmp_path / "report.md").exists()

@@ -303,7 +303,7 @@ class OracleModel(torch.nn.Module):
     def forward(self, images, exit=None):
         return {"count": len(images)}
 
-    def inference(self, outputs, image_sizes, output_sizes=None):
+    def inference(self, outputs, image_sizes, output_sizes=None, semantic="scores"):
         results = []
         for k in range(outputs["count"]):
             sample = self.dataset.load(self.next)  # the original size, not the resized image's

@@ -9,15 +9,19 @@ ALLOWED = {
     "msda": set(),
     "config": set(),
     "flops": set(),
+    "visualize": set(),
     "encoders": {"msda"},
     "model": {"encoders", "msda", "config"},
     "data": {"config"},
-    "synthetic": {"config", "data"},
-    "metrics": {"config", "data", "encoders", "flops", "model", "msda"},
+    "synthetic": {"config", "data", "visualize"},
+    "metrics": {"config", "data", "encoders", "flops", "model", "msda", "visualize"},
     "gate": {"config", "data", "encoders", "model", "msda"},
     "train": {"config", "data", "encoders", "metrics", "model", "flops", "msda"},
     "derive": {"config", "data", "encoders", "metrics", "model", "flops", "msda"},
-    "evaluate": {"config", "data", "encoders", "flops", "gate", "metrics", "model", "msda"},
+    "predict": {"config", "data", "encoders", "metrics", "visualize"},
+    "report": {"config", "data", "gate", "metrics", "model", "visualize"},
+    "evaluate": {"config", "data", "encoders", "flops", "gate", "metrics", "model", "msda", "predict", "report",
+                 "visualize"},
 }
 
 
