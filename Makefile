@@ -25,8 +25,8 @@ setup: $(VENV)/.installed
 DEMO ?= runs/demo
 DEMO_TRAIN ?= 160
 DEMO_VAL ?= 40
-DEMO_ITERS ?= 300
-DEMO_STEP_A ?= 120
+DEMO_ITERS ?= 220
+DEMO_STEP_A ?= 80
 THREADS ?= 2
 BETAS ?= 0.0 0.02
 schedule = train.iterations=$(1) train.steps=[$$(($(1) * 9 / 10)),$$(($(1) * 19 / 20))] train.checkpoint_every=100
