@@ -25,7 +25,7 @@ setup: $(VENV)/.installed
 DEMO ?= runs/demo
 DEMO_TRAIN ?= 160
 DEMO_VAL ?= 40
-DEMO_ITERS ?= 220
+DEMO_ITERS ?= 200
 DEMO_STEP_A ?= 80
 THREADS ?= 2
 BETAS ?= 0.0 0.02
