@@ -20,13 +20,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from config import load_config, run_command
+from config import load_config, load_run_config, run_command
 
 
 def parse_args(argv=None):
     """The options and the config they name; needs no torch (see the __main__ line below it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML config")
+    parser.add_argument("--config", help="YAML config (with --resume --out DIR: by default the config that DIR's "
+                                          "checkpoint stores)")
     parser.add_argument("--out", help="run directory (default runs/<config name>)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     parser.add_argument("--overwrite", action="store_true", help="replace the run already in <out>")
@@ -36,7 +37,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.resume and (args.init or args.overwrite):
         parser.error("--resume excludes --init and --overwrite")
-    args.cfg = load_config(args.config, args.overrides)
+    if args.config:
+        args.cfg = load_config(args.config, args.overrides)
+    elif args.resume and args.out:  # the run's own config, as its checkpoint stores it
+        args.cfg = load_run_config(None, Path(args.out) / "checkpoint.pt", args.overrides, where="--resume")
+    else:
+        parser.error("--config is required (only --resume --out DIR can do without: its checkpoint stores the config)")
     return args
 
 
@@ -55,10 +61,10 @@ from tqdm import tqdm  # noqa: E402
 import data  # noqa: E402
 from config import (atomic_save, config_from_dict, config_to_dict, load_weights, save_config,  # noqa: E402
                     with_classes)
-from data import distributed, setup_distributed
-from encoders import check_exit
-from metrics import evaluate_dataset, evaluation_source
-from model import AMP_DTYPES, autocast, build_model
+from data import distributed, setup_distributed  # noqa: E402
+from encoders import check_exit  # noqa: E402
+from metrics import evaluate_dataset, evaluation_source  # noqa: E402
+from model import AMP_DTYPES, autocast, build_model  # noqa: E402
 
 NORMS = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm, torch.nn.LayerNorm,
          torch.nn.modules.instancenorm._InstanceNorm, torch.nn.LocalResponseNorm)
@@ -410,7 +416,8 @@ def print_resume_hint(out, args):
         print(f"\ninterrupted before the first checkpoint of {out}: nothing to resume", file=sys.stderr)
         return
     step = torch.load(path, map_location="cpu", weights_only=True)["step"]
-    command = " ".join(["python train.py --config", args.config, "--out", str(out), "--resume", *args.overrides])
+    command = " ".join(["python train.py", *(["--config", args.config] if args.config else []), "--out", str(out),
+                        "--resume", *args.overrides])
     print(f"\ninterrupted; {path} holds iteration {step}. Continue with:\n  {command}", file=sys.stderr)
 
 

@@ -33,6 +33,15 @@ def test_resume_continues_the_same_loss_curve(synthetic, tmp_path):
         assert torch.equal(final["model"][k], v), k
 
 
+def test_resume_needs_no_config_the_checkpoint_stores_it(synthetic, tmp_path):
+    run = tmp_path / "run"
+    train.main(["--config", CONFIG, "--out", str(run), *overrides(synthetic, **{"train.iterations": 2})])
+    train.main(["--out", str(run), "--resume", "train.iterations=3"])  # the stored config, one more iteration
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 3
+    with pytest.raises(SystemExit):  # neither a config nor a run to resume
+        train.parse_args(["--out", str(run)])
+
+
 def test_killed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     config.atomic_save({"step": 1, "w": torch.ones(3)}, path)
