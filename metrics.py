@@ -204,6 +204,15 @@ def encode_mask(mask) -> dict:
     return rle
 
 
+def instance_detections(instances, image_id, to_dataset) -> list:
+    """COCO results of one image's instances (Mask2Former.inference): RLE mask, the dataset's
+    category id (to_dataset[contiguous label]) and score, one dict per instance."""
+    return [{"image_id": image_id, "category_id": to_dataset[int(label)], "segmentation": encode_mask(mask),
+             "score": float(score)}
+            for mask, score, label in zip(instances["masks"].bool().cpu().numpy(), instances["scores"].tolist(),
+                                          instances["labels"].tolist())]
+
+
 def panoptic_to_instances(panoptic, panoptic_folder, image_ids=None) -> dict:
     """COCO instance ground truth ("images", "annotations", "categories") from panoptic ground truth.
 
@@ -448,11 +457,7 @@ class Evaluation:
             truth = semantic_from_panoptic(gt_ids, gt_ann["segments_info"], self.contiguous, self.K)
             self.confusion += confusion_matrix(labels.cpu().numpy(), truth, self.K)
         if "instances" in result:
-            inst = result["instances"]
-            for mask, score, label in zip(inst["masks"].bool().cpu().numpy(), inst["scores"].tolist(),
-                                          inst["labels"].tolist()):
-                self.detections.append({"image_id": image_id, "category_id": self.to_dataset[int(label)],
-                                        "segmentation": encode_mask(mask), "score": float(score)})
+            self.detections += instance_detections(result["instances"], image_id, self.to_dataset)
 
     def metrics(self):
         """PQ (panopticapi, against the ground truth of exactly the evaluated images), AP (the
@@ -570,6 +575,18 @@ def load_evaluation(cfg, config_path, weights, split, device):
 
 
 @torch.no_grad()
+def end_to_end(model, sample, exit=None, gate=None, device="cpu", amp="fp32"):
+    """One dataset sample from its uint8 image on the host to the post-processed outputs at its
+    original size (transfer, normalisation and padding, forward, inference): what is timed."""
+    device = torch.device(device)
+    images, sizes = model.preprocess([sample["image"].to(device)])
+    with autocast(device.type, amp):
+        outputs = run_model(model, images, exit, gate)
+    return model.inference(outputs, sizes, output_sizes=[(int(sample["height"]), int(sample["width"]))],
+                           semantic="labels")
+
+
+@torch.no_grad()
 def measure_fps(model, samples, device="cpu", exit=None, gate=None, amp="fp32", warmup=2) -> float | None:
     """Images per second at batch 1: the median over `samples` (dataset samples with "image",
     "height", "width") of the time from the uint8 image on the host to the post-processed
@@ -583,10 +600,7 @@ def measure_fps(model, samples, device="cpu", exit=None, gate=None, amp="fp32", 
     device = torch.device(device)
 
     def run(sample):
-        images, sizes = model.preprocess([sample["image"].to(device)])
-        with autocast(device.type, amp):
-            outputs = run_model(model, images, exit, gate)
-        model.inference(outputs, sizes, output_sizes=[(sample["height"], sample["width"])], semantic="labels")
+        end_to_end(model, sample, exit, gate, device, amp)
 
     def sync():
         if device.type == "cuda":

@@ -596,7 +596,7 @@ def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8,
     segment_area = torch.bincount(winner[in_own], minlength=n).tolist()
     segment_of = [0] * n  # kept query -> its segment id (0: dropped)
     segments, stuff_ids = [], {}
-    for k, label in enumerate(labels.tolist()):
+    for k, (label, score) in enumerate(zip(labels.tolist(), scores.tolist())):  # host values once, not per segment
         if won_area[k] == 0 or own_area[k] == 0 or segment_area[k] == 0:
             continue
         if won_area[k] / own_area[k] < overlap_threshold:
@@ -608,7 +608,7 @@ def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8,
         segment_of[k] = len(segments) + 1
         if not thing:
             stuff_ids[label] = segment_of[k]
-        segments.append({"id": segment_of[k], "isthing": thing, "category_id": label, "score": float(scores[k])})
+        segments.append({"id": segment_of[k], "isthing": thing, "category_id": label, "score": score})
     table = torch.tensor(segment_of, dtype=torch.int32, device=panoptic.device)  # (n,)
     return torch.where(in_own, table[winner], panoptic), segments
 

@@ -41,7 +41,7 @@ from tqdm import tqdm
 from config import atomic_write, atomic_write_text, load_classes
 from data import DataError, build_transform, ids_to_rgb, read_image
 from encoders import check_exit
-from metrics import encode_mask, run_model
+from metrics import instance_detections, run_model
 from visualize import save_prediction
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm"}
@@ -84,11 +84,11 @@ def output_names(paths):
     return names
 
 
-def test_resize(image, data_cfg):
-    """(3, H, W) uint8 -> the test-time resized image, as the evaluation resizes it (data.py's
-    test transform: shortest edge, bilinear with antialias)."""
-    transform = build_transform(data_cfg, train=False)
-    if transform is None:  # data.test_short_side <= 0: predict at the original size
+def test_resize(image, transform):
+    """(3, H, W) uint8 -> the test-time resized image, as the evaluation resizes it: `transform` is
+    data.build_transform(cfg.data, train=False) (shortest edge, bilinear with antialias), or None
+    (data.test_short_side <= 0) for the original size."""
+    if transform is None:
         return image
     sample = {"image": image, "ids": torch.zeros(image.shape[1:], dtype=torch.int32)}  # the transform resizes ids too
     return transform(sample, None)["image"]
@@ -194,12 +194,13 @@ def run_predict(model, cfg, args, gate=None):
         print(f"skipped {path}: {why}")
     classes = class_list(args.weights, cfg.model)
     categories = {c["id"]: c for c in classes}
+    transform = build_transform(cfg.data, train=False)
     records, detections, bar = [], [], tqdm(total=len(paths), desc="predict", unit="image")
     names = output_names(paths)
-    for start in range(0, len(paths), max(args.batch_size, 1) * 8):  # read a few batches at a time
-        chunk = list(range(start, min(start + max(args.batch_size, 1) * 8, len(paths))))
+    chunk = max(args.batch_size, 1) * 8  # images read at a time: a few batches
+    for start in range(0, len(paths), chunk):
         originals, images, ok = [], [], []
-        for i in chunk:
+        for i in range(start, min(start + chunk, len(paths))):
             try:
                 image = read_image(paths[i])
             except DataError as e:
@@ -209,7 +210,7 @@ def run_predict(model, cfg, args, gate=None):
             ok.append(i)
             originals.append(tuple(image.shape[1:]))
             images.append(image)
-        resized = [test_resize(image, cfg.data) for image in images]
+        resized = [test_resize(image, transform) for image in images]
         results = predict_images(model, resized, originals, batch_size=args.batch_size, exit=args.exit, gate=gate,
                                  device=args.device)
         for i, image, result in zip(ok, images, results):
@@ -219,11 +220,7 @@ def run_predict(model, cfg, args, gate=None):
             if args.semantic and "sem_seg_labels" in result:
                 save_png(out / "semantic" / f"{names[i]}.png", semantic_labels(result, classes))
             if args.instances and "instances" in result:
-                inst = result["instances"]
-                for mask, score, label in zip(inst["masks"].bool().cpu().numpy(), inst["scores"].tolist(),
-                                              inst["labels"].tolist()):
-                    detections.append({"image_id": names[i], "category_id": classes[int(label)]["id"],
-                                       "segmentation": encode_mask(mask), "score": round(float(score), 5)})
+                detections += instance_detections(result["instances"], names[i], [c["id"] for c in classes])
             records.append({**record, "source": str(paths[i]), "exit": result["exit"]})
             tqdm.write(summary_line(paths[i], record, result["exit"]))
             bar.update(1)

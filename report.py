@@ -24,7 +24,7 @@ import torch
 from config import atomic_write_text, config_from_dict, load_weights
 from data import build_dataset
 from gate import exit_targets, load_gate, read_derived
-from metrics import interleaved_times, ratio_summary, run_model
+from metrics import end_to_end, interleaved_times, ratio_summary
 from model import build_model
 from visualize import plot_exit_histograms
 
@@ -109,7 +109,7 @@ def speed_ratios(rows, images=8, rounds=5, threads=1):
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        cache, whole, encoder = {}, {}, {}
+        cache, whole, encoder, features = {}, {}, {}, {}
         cfg = row_model(rows[0], cache)[0]
         split = (rows[0]["metrics"].get("source") or {}).get("split") or "val"
         dataset = build_dataset(cfg.data, split=split, train=False)
@@ -119,9 +119,10 @@ def speed_ratios(rows, images=8, rounds=5, threads=1):
         for row in rows:
             _, model, exit, gate = row_model(row, cache)
             whole[row["name"]] = lambda m=model, e=exit, g=gate: [end_to_end(m, s, e, g) for s in samples]
-            if gate is None:
-                features = [model.backbone_features(model.preprocess([s["image"]])[0]) for s in samples]
-                encoder[row["name"]] = lambda m=model, e=exit, f=features: [m.encoder(x, exit=e) for x in f]
+            if gate is None:  # the encoder alone, on backbone features computed once per model
+                if id(model) not in features:
+                    features[id(model)] = [model.backbone_features(model.preprocess([s["image"]])[0]) for s in samples]
+                encoder[row["name"]] = lambda m=model, e=exit, f=features[id(model)]: [m.encoder(x, exit=e) for x in f]
         summary = ratio_summary(interleaved_times(whole, rounds=rounds), rows[0]["name"])
         base_encoder = rows[0]["name"] in encoder
         enc = ratio_summary(interleaved_times(encoder, rounds=rounds), rows[0]["name"]) if base_encoder else {}
@@ -129,14 +130,6 @@ def speed_ratios(rows, images=8, rounds=5, threads=1):
                 "rows": {name: {"model": summary[name], "encoder": enc.get(name)} for name in whole}}
     finally:
         torch.set_num_threads(previous)
-
-
-def end_to_end(model, sample, exit, gate):
-    """One image from its uint8 tensor to the post-processed outputs, as measure_fps times it."""
-    images, sizes = model.preprocess([sample["image"]])
-    outputs = run_model(model, images, exit, gate)
-    return model.inference(outputs, sizes, output_sizes=[(int(sample["height"]), int(sample["width"]))],
-                           semantic="labels")
 
 
 def machine() -> str:
