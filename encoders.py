@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msda import MSDeformAttn
+from ops import Conv1x1, Linear, linear
 
 LEVELS = ("res5", "res4", "res3")  # encoder levels, lowest resolution first (official order)
 
@@ -95,9 +96,10 @@ def flatten_maps(maps):
 
 def unflatten_tokens(tokens, shapes):
     """Tokens (B, S, C) -> [(B, C, h_l, w_l)], the inverse of `flatten_maps`."""
-    B, _, C = tokens.shape
     chunks = tokens.split([h * w for h, w in shapes], dim=1)
-    return [t.transpose(1, 2).reshape(B, C, h, w) for t, (h, w) in zip(chunks, shapes)]
+    # views in the channels-last layout (also for batch 1, whose batch stride reshape would leave
+    # arbitrary): what torch's channels-last kernels (upsampling, pooling) and oneDNN expect
+    return [t.unflatten(1, (h, w)).permute(0, 3, 1, 2) for t, (h, w) in zip(chunks, shapes)]
 
 
 class DeformableEncoderLayer(nn.Module):
@@ -111,9 +113,9 @@ class DeformableEncoderLayer(nn.Module):
         self.self_attn = MSDeformAttn(dim=dim, levels=levels, heads=heads, points=points, impl=attention)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear1 = Linear(dim, ffn_dim)
         self.dropout2 = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.linear2 = Linear(ffn_dim, dim)
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(dim)
 
@@ -135,7 +137,7 @@ class InputProjection(nn.Module):
     def __init__(self, in_channels, *, dim=256):
         super().__init__()
         self.proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(c, dim, kernel_size=1), nn.GroupNorm(32, dim)) for c in in_channels
+            nn.Sequential(Conv1x1(c, dim), nn.GroupNorm(32, dim)) for c in in_channels
         )
         self.level_embed = nn.Parameter(torch.empty(len(in_channels), dim))
         for conv, _ in self.proj:
@@ -179,13 +181,13 @@ class MaskBranch(nn.Module):
         super().__init__()
         if kind not in self.KINDS:
             raise ValueError(f"unknown mask branch {kind!r}; valid: {', '.join(self.KINDS)}")
-        self.mask_features = nn.Conv2d(dim, dim, kernel_size=1)
+        self.mask_features = Conv1x1(dim, dim)
         c2_xavier_fill(self.mask_features)
         self.stride = 8 if kind == "none" else 4  # resolution of the mask features
         if kind == "none":  # ablation C1: no res2 at all, mask features straight from the 1/8 map
             self.lateral = self.output = None
             return
-        self.lateral = nn.Sequential(nn.Conv2d(in_channels, dim, kernel_size=1, bias=False), nn.GroupNorm(32, dim))
+        self.lateral = nn.Sequential(Conv1x1(in_channels, dim, bias=False), nn.GroupNorm(32, dim))
         c2_xavier_fill(self.lateral[0])
         if kind == "conv":
             smooth = nn.Conv2d(dim, dim, kernel_size=3, padding=1, bias=False)
@@ -207,14 +209,17 @@ class MaskBranch(nn.Module):
 
 
 class SeparableMaxPool3x3(nn.MaxPool2d):
-    """MaxPool2d(3, stride 1, padding 1), the LPE's pool, computed as a max over 3 columns then
-    over 3 rows: the same values in ~1/12 of the CPU time of torch's NCHW kernel (which, priced at
-    0 FLOPs, cost half of the 3x3 conv it replaces; 256x128x176, 1 thread). With autograd it runs
-    torch's pool on a channels_last copy instead (forward ~3x faster, forward + backward no
-    slower; and torch's own gradient, which at ties the separable max would split)."""
+    """MaxPool2d(3, stride 1, padding 1), the LPE's pool. torch's NCHW kernel, priced at 0 FLOPs,
+    cost half of the 3x3 conv it replaces (256x128x176, 1 thread); its channels-last kernel takes
+    1/16 of that, so a channels-last x (the mask branch's, from the oneDNN 1x1 conv) goes there.
+    An NCHW x is pooled as a max over 3 columns then over 3 rows (the same values, ~1/12 of the
+    time), or with autograd by torch's pool on a channels-last copy (torch's own gradient, which
+    at ties the separable max would split)."""
 
     def forward(self, x):
-        """x (B, C, H, W) -> (B, C, H, W), NCHW-contiguous."""
+        """x (B, C, H, W) -> (B, C, H, W), in x's memory format (channels-last or NCHW-contiguous)."""
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+            return F.max_pool2d(x, 3, 1, 1)
         if torch.is_grad_enabled() and x.requires_grad:
             return F.max_pool2d(x.contiguous(memory_format=torch.channels_last), 3, 1, 1).contiguous()
         cols = x.clone()  # max over x-1, x, x+1 (the border sees two: padding is -inf)
@@ -585,7 +590,7 @@ def sincos_position_2d(height, width, dim=256, temperature=10000.0, official_ord
 
 class MultiheadAttention(nn.Module):
     """Multi-head attention with nn.MultiheadAttention's packed q/k/v parameters (in_proj_weight,
-    in_proj_bias, out_proj) and init, computed with F.linear and F.scaled_dot_product_attention
+    in_proj_bias, out_proj) and init, computed with ops.linear (F.linear) and F.scaled_dot_product_attention
     (which the FLOP counter sees; nn.MultiheadAttention hides its ops from it). `allowed`
     (B, Lq, Lk) bool: True where a query may look. RT-M2F's AIFI and the decoder use it."""
 
@@ -594,14 +599,14 @@ class MultiheadAttention(nn.Module):
         self.heads, self.dropout = heads, dropout
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * dim))
-        self.out_proj = nn.Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query, key, value, allowed=None):
         """query (B, Lq, C), key and value (B, Lk, C) -> (B, Lq, C)."""
         B, Lq, C = query.shape
-        q, k, v = (F.linear(x, w, b).view(B, x.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, L, C/heads)
+        q, k, v = (linear(x, w, b).view(B, x.shape[1], self.heads, -1).transpose(1, 2)  # (B, heads, L, C/heads)
                    for x, w, b in zip((query, key, value), self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)))
         mask = None if allowed is None else allowed[:, None]  # the same mask for every head
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0)
@@ -614,9 +619,9 @@ class AIFILayer(nn.Module):
     def __init__(self, *, dim=256, heads=8, ffn_dim=1024, dropout=0.0, activation="gelu"):
         super().__init__()
         self.self_attn = MultiheadAttention(dim=dim, heads=heads, dropout=dropout)
-        self.linear1 = nn.Linear(dim, ffn_dim)
+        self.linear1 = Linear(dim, ffn_dim)
         self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.linear2 = Linear(ffn_dim, dim)
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
         self.dropout1 = nn.Dropout(dropout)
@@ -712,7 +717,7 @@ class RTEncoder(nn.Module):
             raise ValueError(f"RT-M2F's position embedding needs dim divisible by 4, got {dim}")
         self.dim, self.temperature, self.pe_official_order = dim, temperature, pe_official_order
         self.input_proj = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(in_channels[name], dim, kernel_size=1, bias=False), nn.BatchNorm2d(dim))
+            nn.Sequential(Conv1x1(in_channels[name], dim, bias=False), nn.BatchNorm2d(dim))
             for name in levels
         )
         self.aifi_levels = [levels.index(name) for name in aifi_levels]

@@ -19,6 +19,7 @@ from torch import nn
 
 from config import require_classes
 from encoders import MultiheadAttention, build_encoder, check_exit, sine_position_embedding
+from ops import Conv1x1, Linear, weighted_argmax
 
 
 # ---- backbones: images -> {"res2": 1/4, "res3": 1/8, "res4": 1/16, "res5": 1/32} -----------
@@ -162,8 +163,8 @@ class FFNLayer(nn.Module):
 
     def __init__(self, *, dim, ffn_dim, dropout=0.0):
         super().__init__()
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
+        self.linear1 = Linear(dim, ffn_dim)
+        self.linear2 = Linear(ffn_dim, dim)
         self.dropout = nn.Dropout(dropout)
         self.norm = nn.LayerNorm(dim)
 
@@ -178,7 +179,7 @@ class MLP(nn.Module):
     def __init__(self, in_dim, hidden_dim, out_dim, num_layers):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.layers = nn.ModuleList(Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
 
     def forward(self, x):
         """x (..., in_dim) -> (..., out_dim)."""
@@ -200,7 +201,7 @@ class MaskedAttentionDecoder(nn.Module):
         super().__init__()
         self.levels = levels
         self.input_proj = nn.ModuleList(  # identity at the reference width (encoder dim == decoder dim)
-            nn.Identity() if in_dim == dim else nn.Conv2d(in_dim, dim, kernel_size=1) for _ in range(levels)
+            nn.Identity() if in_dim == dim else Conv1x1(in_dim, dim) for _ in range(levels)
         )
         for proj in self.input_proj:
             if isinstance(proj, nn.Conv2d):
@@ -217,7 +218,7 @@ class MaskedAttentionDecoder(nn.Module):
                 if p.dim() > 1:
                     nn.init.xavier_uniform_(p)
         self.decoder_norm = nn.LayerNorm(dim)
-        self.class_embed = nn.Linear(dim, num_classes + 1)  # the last class is "no object"
+        self.class_embed = Linear(dim, num_classes + 1)  # the last class is "no object"
         self.mask_embed = MLP(dim, dim, mask_dim, 3)
 
     def forward(self, multi_scale, mask_features):
@@ -460,8 +461,7 @@ class SetCriterion(nn.Module):
         pred_masks = outputs["pred_masks"]
         batch_idx, query_idx = self.matched_queries(indices)
         src = pred_masks[batch_idx.to(pred_masks.device), query_idx.to(pred_masks.device)][:, None]  # (N, 1, h, w)
-        # Pad the matched target masks to the largest size in the batch (a no-op when they all
-        # have the padded batch size already).
+        # Pad the matched target masks to the batch's largest size (a no-op when all have it).
         H = max(t["masks"].shape[-2] for t in targets)
         W = max(t["masks"].shape[-1] for t in targets)
         tgt = []
@@ -538,22 +538,20 @@ def upsample_predictions(mask_pred, padded_size, image_size, output_size):
     x = x[:, :, : image_size[0], : image_size[1]]  # (B, Q, Hi, Wi)
     if tuple(output_size) != tuple(x.shape[-2:]):
         x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)  # (B, Q, Ho, Wo)
-    else:
-        # Bilinear to the same size is the identity (weights 1 and 0): skipped (the crop made
-        # contiguous as it made it). The papers' code runs it and fvcore prices it (4 per value), so
-        # it runs on a meta stand-in: no time, and flops.py still counts it.
+    else:  # bilinear to the same size is the identity: skipped, but the papers' code runs it and
+        # fvcore prices it (4 per value), so it runs on a meta stand-in that flops.py still counts
         F.interpolate(torch.empty_like(x, device="meta"), size=tuple(output_size), mode="bilinear", align_corners=False)
         x = x.contiguous()
     return x[0] if single else x
 
 
-def semantic_inference(mask_cls, mask_pred):
+def semantic_inference(mask_cls, mask_pred, in_place=False):
     """Per-class score maps Σ_q p(class | q) · sigmoid(mask_q), "no object" dropped.
 
-    mask_cls (Q, K+1) logits, mask_pred (Q, H, W) logits -> (K, H, W)
+    mask_cls (Q, K+1) logits, mask_pred (Q, H, W) logits (in_place: made probabilities) -> (K, H, W)
     """
     probs = F.softmax(mask_cls, dim=-1)[..., :-1]  # (Q, K)
-    return torch.einsum("qc,qhw->chw", probs, mask_pred.sigmoid())
+    return torch.einsum("qc,qhw->chw", probs, mask_pred.sigmoid_() if in_place else mask_pred.sigmoid())
 
 
 def semantic_labels(mask_cls, probs, pixels=4096):
@@ -587,12 +585,12 @@ def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8,
     n = len(labels)
     if n == 0:
         return panoptic, []
-    winner = (scores[:, None, None] * probs).argmax(0)  # (H, W): index into the kept queries
+    winner = weighted_argmax(scores, probs)  # (H, W): index into the kept queries
     own = probs >= 0.5  # (n, H, W)
     in_own = own.gather(0, winner[None])[0]  # (H, W): the pixel lies in its winner's own mask
     # Areas of every kept query at once: won, own, and won & own (the segment it would paint).
     won_area = torch.bincount(winner.flatten(), minlength=n).tolist()
-    own_area = own.flatten(1).sum(1).tolist()
+    own_area = own.flatten(1).sum(1, dtype=torch.int32).tolist()  # int32: no (n, H·W) int64 copy
     segment_area = torch.bincount(winner[in_own], minlength=n).tolist()
     segment_of = [0] * n  # kept query -> its segment id (0: dropped)
     segments, stuff_ids = [], {}
@@ -790,7 +788,7 @@ class Mask2Former(nn.Module):
             if cfg.semantic and semantic == "labels":  # last: the masks become probabilities in place
                 result["sem_seg_labels"] = semantic_labels(logits, mask_pred.sigmoid_())
             elif cfg.semantic:
-                result["sem_seg"] = semantic_inference(logits, mask_pred)
+                result["sem_seg"] = semantic_inference(logits, mask_pred, in_place=True)
             results.append(result)
         return results
 

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ops import Linear, linear, observed
+
 
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
     """Sample every level bilinearly and take the attention-weighted sum of the samples.
@@ -58,12 +60,13 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     for level, (h, w) in enumerate(spatial_shapes):
         # (N, h*w, M, D) -> (N*M, D, h, w)
         v = values[level].permute(0, 2, 3, 1).reshape(N * M, D, h, w)
-        # (N, Lq, M, P, 2) -> (N*M, Lq, P, 2)
-        g = grids[:, :, :, level].transpose(1, 2).reshape(N * M, Lq, P, 2)
-        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (N*M, D, Lq, P)
-        # (N, Lq, M, P) -> (N*M, 1, Lq, P)
-        a = attention_weights[:, :, :, level].transpose(1, 2).reshape(N * M, 1, Lq, P)
-        out = out + (sampled * a).sum(-1)  # accumulate per level: no (…, L·P) stack in memory
+        # (N, Lq, M, P, 2) -> (N*M, P, Lq, 2): points before queries, so that the weighting below runs
+        # along Lq (contiguous) and sums over P rows, not over runs of P = 4 floats (~4x faster on CPU)
+        g = grids[:, :, :, level].permute(0, 2, 3, 1, 4).reshape(N * M, P, Lq, 2)
+        sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (N*M, D, P, Lq)
+        # (N, Lq, M, P) -> (N*M, 1, P, Lq)
+        a = attention_weights[:, :, :, level].permute(0, 2, 3, 1).reshape(N * M, 1, P, Lq)
+        out = out + (sampled * a).sum(2)  # accumulate per level: no (…, L·P) stack in memory
     # (N*M, D, Lq) -> (N, Lq, M*D)
     return out.view(N, M * D, Lq).transpose(1, 2).contiguous()
 
@@ -182,16 +185,6 @@ def _native_ready(device_type: str) -> bool:
         return False
 
 
-def _observed():
-    """True under a TorchFunctionMode other than torch's device context: an observer of functional
-    calls (flops.FlopCounter) that prices the reference's F.grid_sample, so it gets the reference."""
-    if torch.compiler.is_compiling() or not torch._C._is_torch_function_mode_enabled():
-        return False
-    from torch.utils._device import DeviceContext
-
-    return any(not isinstance(mode, DeviceContext) for mode in torch.overrides._get_current_function_mode_stack())
-
-
 def _common_dtype(*tensors):
     dtype = tensors[0].dtype
     for t in tensors[1:]:
@@ -203,7 +196,7 @@ def resolve_impl(impl, value, sampling_locations, attention_weights):
     """What `impl` ("torch" | "native" | "auto") runs for these inputs: "torch" or "native"."""
     if impl not in IMPLS:
         raise ValueError(f"unknown deformable attention impl {impl!r}; valid: {', '.join(IMPLS)}")
-    if impl == "torch" or _observed():
+    if impl == "torch" or observed():
         return "torch"
     if impl == "native":
         return "native"  # ms_deform_attn_native refuses what it cannot run
@@ -305,10 +298,10 @@ class MSDeformAttn(nn.Module):
         self.impl = impl
         # The official attribute names, which the official code's readers know.
         self.d_model, self.n_levels, self.n_heads, self.n_points = dim, levels, heads, points
-        self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2)
-        self.attention_weights = nn.Linear(dim, heads * levels * points)
-        self.value_proj = nn.Linear(dim, dim)
-        self.output_proj = nn.Linear(dim, dim)
+        self.sampling_offsets = Linear(dim, heads * levels * points * 2)
+        self.attention_weights = Linear(dim, heads * levels * points)
+        self.value_proj = Linear(dim, dim)
+        self.output_proj = Linear(dim, dim)
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -335,7 +328,7 @@ class MSDeformAttn(nn.Module):
         weights (one pass over the queries instead of two; the same FLOPs, the same parameters).
         query (N, Lq, C) -> (N, Lq, M·L·P·2), (N, Lq, M·L·P): views into one output."""
         a, b = self.sampling_offsets, self.attention_weights
-        both = F.linear(query, torch.cat([a.weight, b.weight]), torch.cat([a.bias, b.bias]))
+        both = linear(query, torch.cat([a.weight, b.weight]), torch.cat([a.bias, b.bias]))
         return both.split([a.out_features, b.out_features], dim=-1)
 
     def forward(self, query, reference_points, value, spatial_shapes):

@@ -24,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +33,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import data  # noqa: E402
+import ops  # noqa: E402
 import train  # noqa: E402  (a command; bench/ is outside the module tree)
-from config import load_config  # noqa: E402
+from config import keep_freed_memory, load_config  # noqa: E402
 from flops import model_flops  # noqa: E402
 from metrics import interleaved_times, ratio_summary  # noqa: E402
 from model import build_model  # noqa: E402
@@ -115,16 +117,55 @@ def bench_encoders(sizes, rounds):
         if whole:
             print(f"  (M2F whole forward {base_ms:.0f} ms, encoder GFLOPs {flops[BASELINE]['encoder']:.1f})")
             conv_against_gemm(models[BASELINE].encoder.mask_branch.output[0], features["res2"].shape[-2:], rounds)
+            encoder_parts({n: m for n, m in models.items() if n == BASELINE or n.startswith("PRO-SCALE")}, features)
+
+
+PARTS = {"input projection": "input_proj", "mask branch": "mask_branch"}  # the rest: the layers (+ TRC)
+
+
+def encoder_parts(models, features, runs=3):
+    """Where each encoder's time and FLOPs go: input projection, transformer layers, mask branch,
+    in ms (median of `runs`, after one warm-up) and GFLOPs, each part beside M2F's."""
+    from flops import FlopCounter
+
+    table = {}
+    for name, m in models.items():
+        clocks = {part: PhaseClock(getattr(m.encoder, attr)) for part, attr in PARTS.items()}
+        times = []
+        with torch.no_grad():
+            for run in range(runs + 1):
+                for c in clocks.values():
+                    c.total = 0.0
+                start = time.process_time()
+                m.encoder(features)
+                whole = time.process_time() - start
+                parts = {part: c.total for part, c in clocks.items()}
+                if run:
+                    times.append({**parts, "layers": whole - sum(parts.values())})
+            with FlopCounter() as counter:
+                for part, attr in PARTS.items():
+                    counter.track(getattr(m.encoder, attr), part)
+                with counter.scope("layers"):
+                    m.encoder(features)
+        for c in clocks.values():
+            c.remove()
+        table[name] = {part: (statistics.median(t[part] for t in times) * 1e3, counter.counts.get(part, 0) / 1e9)
+                       for part in ("input projection", "layers", "mask branch")}
+    print("  where the time goes (ms, median of 3 runs) and the FLOPs (G), each part / M2F's part:")
+    for name, parts in table.items():
+        cells = [f"{part} {ms:6.0f} ms {g:5.1f} G ({ms / table[BASELINE][part][0]:.2f} / "
+                 f"{g / max(table[BASELINE][part][1], 1e-9):.2f})" for part, (ms, g) in parts.items()]
+        print(f"    {name:18s} " + "   ".join(cells))
 
 
 def conv_against_gemm(conv, size, rounds):
-    """M2F's 3x3 conv at 1/4 (the op PRO-SCALE's LPE removes) against a GEMM of the same FLOPs:
-    where the conv is cheaper per FLOP, removing it saves less time than FLOPs."""
-    x = torch.randn(1, conv.in_channels, *size)
+    """M2F's 3x3 conv at 1/4 (the op PRO-SCALE's LPE removes; on the mask branch's channels-last
+    input) against a GEMM of the same FLOPs as the encoder layers run it (ops.linear): where the
+    conv is cheaper per FLOP, removing it saves less time than FLOPs."""
+    x = torch.randn(1, conv.in_channels, *size).contiguous(memory_format=torch.channels_last)
     tokens = torch.randn(size[0] * size[1], conv.in_channels)
     matrix = torch.randn(conv.weight[0].numel(), conv.in_channels)  # (C·9, C): the conv's FLOPs
-    _, summary = timed_table({"gemm": no_grad(torch.nn.functional.linear, tokens, matrix), "conv": no_grad(conv, x)},
-                             rounds, "gemm")
+    _, summary = timed_table({"gemm": no_grad(ops.linear, tokens, matrix), "conv": no_grad(conv, x)}, rounds, "gemm")
     print(f"  M2F's 3x3 conv at 1/4 / a GEMM of the same FLOPs: time {fmt(summary['conv'])}")
 
 
@@ -149,19 +190,21 @@ def bench_postprocess(height, width, rounds):
         outputs = confident(model(images), model.cfg.num_classes)
     inference = model.cfg.inference
     tasks = {"panoptic": dict(panoptic=True, instance=False, semantic=False),
-             "all three": dict(panoptic=True, instance=True, semantic=True)}
+             "all three": dict(panoptic=True, instance=True, semantic=True),
+             "all three, semantic labels": dict(panoptic=True, instance=True, semantic=True, labels=True)}
 
     def post(flags):
         def run():
             for key, value in flags.items():
-                setattr(inference, key, value)
-            model.inference(outputs, [(height, width)])
+                if key != "labels":
+                    setattr(inference, key, value)
+            model.inference(outputs, [(height, width)], semantic="labels" if flags.get("labels") else "scores")
         return run
     fns = {"forward": no_grad(model, images), **{f"post-process ({t})": post(f) for t, f in tasks.items()}}
     times, summary = timed_table(fns, rounds, "forward")
     print(f"\nM2F R50 post-processing / forward, {height}x{width}, batch 1 (confident class scores, see confident())")
     for name in fns:
-        print(f"  {name:28s} {statistics.median(times[name]) * 1e3:8.1f} ms   / forward {fmt(summary[name])}")
+        print(f"  {name:42s} {statistics.median(times[name]) * 1e3:8.1f} ms   / forward {fmt(summary[name])}")
 
 
 # ---- ours against Hugging Face's Mask2Former ------------------------------------------------
@@ -204,12 +247,14 @@ def bench_hf(sizes, rounds):
         features = {name: torch.randn(1, c, height // s, width // s, generator=g)
                     for (name, c), s in zip(channels.items(), (4, 8, 16, 32))}
 
-        def ours():
-            with torch.no_grad():
+        def ours(gemms=nullcontext):
+            with torch.no_grad(), gemms():
                 decoder(*reversed(encoder(features)))  # encoder -> (mask features, maps)
-        times, summary = timed_table({"HF": lambda: run_hf(hf, features), "ours": ours}, rounds, "HF")
+        times, summary = timed_table({"HF": lambda: run_hf(hf, features), "ours": ours,
+                                      "ours, F.linear": lambda: ours(ops.reference)}, rounds, "HF")
         print(f"  {height}x{width}: ours {statistics.median(times['ours']) * 1e3:.0f} ms, "
-              f"HF {statistics.median(times['HF']) * 1e3:.0f} ms, ours / HF {fmt(summary['ours'])}")
+              f"HF {statistics.median(times['HF']) * 1e3:.0f} ms, ours / HF {fmt(summary['ours'])}; "
+              f"with F.linear (MKL) for every linear (ops.reference) {fmt(summary['ours, F.linear'])}")
 
 
 # ---- the tiny demo training step, per phase -------------------------------------------------
@@ -220,11 +265,15 @@ class PhaseClock:
 
     def __init__(self, module):
         self.total, self.start = 0.0, None
-        module.register_forward_pre_hook(lambda *_: setattr(self, "start", time.process_time()))
-        module.register_forward_hook(lambda *_: self.add())
+        self.hooks = [module.register_forward_pre_hook(lambda *_: setattr(self, "start", time.process_time())),
+                      module.register_forward_hook(lambda *_: self.add())]
 
     def add(self):
         self.total += time.process_time() - self.start
+
+    def remove(self):
+        for hook in self.hooks:
+            hook.remove()
 
 
 def bench_train(steps):
@@ -290,11 +339,13 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke run: 256x352, 2 rounds, 3 steps, HF at 384x384")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    kept = keep_freed_memory()  # as every command does (config.run_command)
     global ATTENTION
     ATTENTION = args.attention
     sizes = args.size or ([(256, 352)] if args.quick else [(512, 704), (800, 1088)])
     rounds, steps = (2, 3) if args.quick else (args.rounds, args.steps)
-    print(f"bench/speed.py on {machine()}; deformable attention: {ATTENTION}")
+    print(f"bench/speed.py on {machine()}; deformable attention: {ATTENTION}; "
+          f"malloc keeps freed memory: {'yes' if kept else 'no (M2F_MALLOC=default or not glibc)'}")
     if "encoders" in args.only:
         bench_encoders(sizes, rounds)
     if "postprocess" in args.only:

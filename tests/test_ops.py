@@ -1,0 +1,191 @@
+"""ops.py: linear layers and 1x1 convs through oneDNN on the CPU equal F.linear / F.conv2d (values
+and gradients), and the route is taken exactly where it should be."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ops
+from flops import FlopCounter
+
+pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def grads(fn, *tensors, grad):
+    for t in tensors:
+        t.grad = None
+    out = fn()
+    out.backward(grad)
+    return [out.detach()] + [t.grad.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("shape, out_features, bias", [
+    ((2, 400, 128), 192, True),  # out > in: weight_grad transposes x
+    ((1200, 256), 32, True),     # out < in: weight_grad transposes the gradient
+    ((1, 500, 96), 96, False),   # no bias
+])
+def test_linear_equals_f_linear_values_and_gradients(shape, out_features, bias):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=g, requires_grad=True)
+    w = torch.randn(out_features, shape[-1], generator=g, requires_grad=True)
+    b = torch.randn(out_features, generator=g, requires_grad=True) if bias else None
+    assert ops.uses_onednn(x, w)  # else this test would compare F.linear with itself
+    grad = torch.randn(*shape[:-1], out_features, generator=g)
+    params = [t for t in (x, w, b) if t is not None]
+    ours = grads(lambda: ops.linear(x, w, b), *params, grad=grad)
+    ref = grads(lambda: F.linear(x, w, b), *params, grad=grad)
+    for name, a, r in zip(("out", "dx", "dw", "db"), ours, ref):
+        assert a.shape == r.shape and rel(a, r) < 1e-5, name
+
+
+def test_weight_grad_both_layouts():
+    g = torch.Generator().manual_seed(1)
+    for T, O, C in [(257, 16, 48), (257, 48, 16)]:
+        grad, x = torch.randn(T, O, generator=g), torch.randn(T, C, generator=g)
+        assert rel(ops.weight_grad(grad, x), grad.t() @ x) < 1e-5
+
+
+def test_linear_of_a_non_contiguous_input():
+    x = torch.randn(64, 2, 300).transpose(0, 2)  # (300, 2, 64), not contiguous
+    w = torch.randn(128, 64)
+    assert ops.uses_onednn(x, w) and rel(ops.linear(x, w), F.linear(x, w)) < 1e-5
+
+
+def test_where_the_route_is_not_taken_it_is_f_linear_bit_for_bit():
+    g = torch.Generator().manual_seed(2)
+    big_x, big_w = torch.randn(400, 256, generator=g), torch.randn(256, 256, generator=g)
+    small_x = torch.randn(8, 64, generator=g)
+    small_w = torch.randn(64, 64, generator=g)
+    assert not ops.uses_onednn(small_x, small_w)  # 8·64·64 < MIN_MACS
+    assert torch.equal(ops.linear(small_x, small_w), F.linear(small_x, small_w))
+    assert not ops.uses_onednn(big_x.double(), big_w.double())
+    with ops.reference():
+        assert not ops.uses_onednn(big_x, big_w)
+        assert torch.equal(ops.linear(big_x, big_w), F.linear(big_x, big_w))
+    assert ops.uses_onednn(big_x, big_w)  # the context restores the route
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not ops.uses_onednn(big_x, big_w) and ops.linear(big_x, big_w).dtype == torch.bfloat16
+    with torch.device("meta"):
+        assert ops.linear(torch.empty(400, 256), torch.empty(256, 256)).shape == (400, 256)
+
+
+def test_the_flop_counter_sees_f_linear_and_f_conv2d():
+    x, lin = torch.randn(1, 400, 256), ops.Linear(256, 256)
+    maps, conv = torch.randn(1, 256, 20, 20), ops.Conv1x1(256, 128)
+    with FlopCounter() as counter:
+        assert not ops.uses_onednn(x, lin.weight)
+        lin(x), conv(maps)
+    assert sum(counter.counts.values()) == 400 * 256 * 256 + 400 * 256 * 128
+
+
+def test_conv1x1_equals_f_conv2d_and_returns_the_token_layout():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 64, 24, 40, generator=g, requires_grad=True)
+    conv = ops.Conv1x1(64, 96)
+    reference = nn.Conv2d(64, 96, kernel_size=1)
+    reference.load_state_dict(conv.state_dict())  # the same names and shapes as nn.Conv2d's
+    grad = torch.randn(2, 96, 24, 40, generator=g)
+    ours = grads(lambda: conv(x), x, conv.weight, conv.bias, grad=grad)
+    ref = grads(lambda: reference(x), x, reference.weight, reference.bias, grad=grad)
+    for name, a, r in zip(("out", "dx", "dw", "db"), ours, ref):
+        assert rel(a, r) < 1e-5, name
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_linear_module_keeps_nn_linear_parameters():
+    torch.manual_seed(0)
+    a = ops.Linear(32, 16)
+    torch.manual_seed(0)
+    b = nn.Linear(32, 16)
+    assert isinstance(a, nn.Linear) and a.state_dict().keys() == b.state_dict().keys()
+    assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in b.state_dict())  # the same init
+
+
+def test_an_encoder_on_the_route_equals_the_reference_path():
+    from encoders import M2FEncoder
+
+    torch.manual_seed(0)
+    encoder = M2FEncoder({"res2": 32, "res3": 64, "res4": 96, "res5": 128}, dim=64, heads=4, ffn_dim=128,
+                         layers=2).eval()
+    g = torch.Generator().manual_seed(4)
+    features = {name: torch.randn(1, c, 256 // s, 384 // s, generator=g)
+                for (name, c), s in zip({"res2": 32, "res3": 64, "res4": 96, "res5": 128}.items(), (4, 8, 16, 32))}
+    with torch.no_grad():
+        mask, maps = encoder(features)
+        with ops.reference():
+            ref_mask, ref_maps = encoder(features)
+    assert not torch.equal(mask, ref_mask)  # the route was taken somewhere
+    for a, r in zip([mask, *maps], [ref_mask, *ref_maps]):
+        assert rel(a, r) < 1e-5
+
+
+FAULTS = """
+import resource, sys, torch
+import config
+kept = config.keep_freed_memory()
+x = torch.ones(16 << 20)  # 64 MB: over glibc's largest default mmap threshold (32 MB)
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y = x.clone()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del y
+print(kept, max(faults[3:]))
+"""
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_keep_freed_memory_stops_the_page_faults_of_large_tensors():
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    def run(**env):
+        out = subprocess.run([sys.executable, "-c", FAULTS], cwd=ROOT, capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT), **env}).stdout.split()
+        return out[0] == "True", int(out[1])
+
+    kept, faults = run()
+    assert kept and faults < 1000  # a fresh 64 MB block is 16384 pages; reused ones fault no more
+    kept, _ = run(M2F_MALLOC="default")
+    assert not kept
+
+
+def test_every_command_keeps_freed_memory(monkeypatch):
+    import config
+
+    calls = []
+    monkeypatch.setattr(config, "keep_freed_memory", lambda: calls.append(1))
+    assert config.run_command(lambda: 7) == 7 and calls == [1]
+
+
+def test_an_in_place_op_on_the_output_keeps_the_gradients():
+    """The encoder layer's F.relu_ on linear1's output: the route's output must not be a view."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 500, 128, generator=g, requires_grad=True)
+    layer = ops.Linear(128, 256)
+    assert ops.uses_onednn(x, layer.weight)
+    ours = grads(lambda: F.relu_(layer(x)), x, layer.weight, grad=torch.ones(2, 500, 256))
+    ref = grads(lambda: F.relu(F.linear(x, layer.weight, layer.bias)), x, layer.weight, grad=torch.ones(2, 500, 256))
+    for a, r in zip(ours, ref):
+        assert rel(a, r) < 1e-5
+
+
+def test_weighted_argmax_is_argmax_of_the_product_ties_included():
+    g = torch.Generator().manual_seed(6)
+    probs = torch.rand(7, 30, 40, generator=g)
+    probs[3] = probs[1]  # exact ties: the earlier query must win, as argmax's first maximum
+    probs[5, :10] = probs[2, :10]
+    scores = torch.rand(7, generator=g)
+    scores[3], scores[5] = scores[1], scores[2]
+    for n in (7, 1):
+        expected = (scores[:n, None, None] * probs[:n]).argmax(0)
+        got = ops.weighted_argmax(scores[:n], probs[:n])
+        assert got.dtype == torch.int64 and torch.equal(got, expected)
+    assert not (ops.weighted_argmax(scores, probs) == 3).any()  # every tie with query 1 went to 1
