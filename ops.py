@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-MIN_MACS = 1 << 22  # tokens x in x out; 256 -> 256 channels pays from ~64 tokens on (bench: ops.py)
+MIN_MACS = 1 << 22  # tokens·in·out; measured: 256 -> 256 pays from ~64 tokens (here: 64), 64 -> 64 from ~600 (1024)
 _ONEDNN = {"on": True}
 
 
@@ -141,12 +141,14 @@ class Conv1x1(nn.Conv2d):
 def weighted_argmax(scores, probs):
     """(scores[:, None, None] * probs).argmax(0), bit for bit: scores (n,), probs (n, H, W) -> (H, W)
     int64. On the CPU a running max over the queries (strict >: ties keep the first, as argmax):
-    one (H, W) plane at a time, no (n, H, W) product; 2.8x faster at 100x512x512 than argmax(0)."""
+    one (H, W) plane at a time, no (n, H, W) product: 42 against 130 ms at 100x512x512, 1 thread."""
     if probs.device.type != "cpu":
         return (scores[:, None, None] * probs).argmax(0)
-    best, winner = scores[0] * probs[0], probs.new_zeros(probs.shape[1:], dtype=torch.int64)
+    best, winner = scores[0] * probs[0], probs.new_zeros(probs.shape[1:], dtype=torch.int64)  # (H, W)
+    value, better = torch.empty_like(best), torch.empty_like(best, dtype=torch.bool)  # reused buffers
     for q in range(1, len(probs)):
-        value = scores[q] * probs[q]  # (H, W)
-        winner.masked_fill_(value > best, q)
-        best = torch.maximum(best, value)
+        torch.mul(scores[q], probs[q], out=value)
+        torch.gt(value, best, out=better)
+        winner.masked_fill_(better, q)
+        torch.maximum(best, value, out=best)
     return winner

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from config import keep_freed_memory  # noqa: E402
 from encoders import M2FEncoder, reference_points  # noqa: E402
 from msda import build_native, ms_deform_attn, ms_deform_attn_native  # noqa: E402
 
@@ -203,6 +204,7 @@ def main(argv=None):
     parser.add_argument("--encoder-sizes", nargs="*", default=["512x512"], help="sizes of the encoder benchmark")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as every command does (config.run_command)
     build_native(args.device)
     dtypes = (torch.float32, torch.bfloat16) if args.device == "cuda" else (torch.float32,)
     print(f"device {device_name(args.device)}, torch {torch.__version__}; {args.rounds} interleaved rounds; "

@@ -119,6 +119,7 @@ def test_an_encoder_on_the_route_equals_the_reference_path():
         with ops.reference():
             ref_mask, ref_maps = encoder(features)
     assert not torch.equal(mask, ref_mask)  # the route was taken somewhere
+    assert mask.is_contiguous(memory_format=torch.channels_last)  # the mask branch runs channels-last
     for a, r in zip([mask, *maps], [ref_mask, *ref_maps]):
         assert rel(a, r) < 1e-5
 

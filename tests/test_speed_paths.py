@@ -3,7 +3,8 @@
 Fast paths (encoders.py, msda.py) against references written with torch.nn.functional on the same
 parameters, on random inputs, in eval and train mode, gradients included where training runs them:
 
-    * the LPE's max pool as a separable max (no grad) or on a channels_last copy (grad),
+    * the LPE's max pool as a separable max (no grad), on a channels_last copy (grad), or by torch's
+      channels-last kernel on a channels-last input,
     * the mask branch with its in-place sum and ReLU,
     * one GEMM for the deformable attention's offsets and attention logits,
     * the encoder layer's in-place ReLU,
@@ -54,6 +55,12 @@ def test_separable_max_pool_is_max_pool(shape):
     out.backward(cotangent)
     F.max_pool2d(b, 3, 1, 1).backward(cotangent)
     assert torch.allclose(a.grad, b.grad, atol=ATOL)
+    # A channels-last input (the mask branch's) stays channels-last, with the same values.
+    cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        pooled = pool(cl)
+    assert torch.equal(pooled, F.max_pool2d(x, 3, 1, 1))
+    assert pooled.is_contiguous(memory_format=torch.channels_last) or cl.is_contiguous()
 
 
 def mask_branch_reference(branch, res2, coarse, kind):
