@@ -26,10 +26,8 @@ from ops import Conv1x1, Linear, weighted_argmax
 
 
 class FrozenBatchNorm2d(nn.Module):
-    """BatchNorm with fixed statistics and affine parameters, all buffers (detectron2's FrozenBN).
-
-    It calls F.batch_norm like detectron2 does, so the FLOP counter sees the same op.
-    """
+    """BatchNorm with fixed statistics and affine parameters, all buffers (detectron2's FrozenBN);
+    F.batch_norm like detectron2's, so the FLOP counter sees the same op."""
 
     def __init__(self, num_features, eps=1e-5):
         super().__init__()
@@ -49,10 +47,8 @@ class FrozenBatchNorm2d(nn.Module):
 
 
 class ResNet(nn.Module):
-    """torchvision's ResNet (stride in the 3x3 conv, as Mask2Former's R50) without its head.
-
-    Module names are torchvision's, so its ImageNet state dicts load as they are.
-    """
+    """torchvision's ResNet (stride in the 3x3 conv, as Mask2Former's R50) without its head, its
+    1x1 convs as ops.Conv1x1. Module names are torchvision's: its ImageNet state dicts load as they are."""
 
     DEPTHS = {"resnet18": torchvision.models.resnet18, "resnet34": torchvision.models.resnet34,
               "resnet50": torchvision.models.resnet50, "resnet101": torchvision.models.resnet101}
@@ -63,13 +59,19 @@ class ResNet(nn.Module):
         if norm not in self.NORMS:
             raise ValueError(f"unknown ResNet norm {norm!r}; valid: {', '.join(self.NORMS)}")
         net = self.DEPTHS[name](weights=None, norm_layer=self.NORMS[norm])
+        for parent in [m for m in net.modules() if isinstance(m, nn.Sequential) or hasattr(m, "conv2")]:  # blocks
+            for key, conv in parent.named_children():  # the stride-1 1x1 convs: bottlenecks and layer1's downsample
+                if isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1):
+                    setattr(parent, key, Conv1x1.like(conv))
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         width = 1 if name in ("resnet18", "resnet34") else 4  # basic blocks vs bottlenecks
         self.channels = {"res2": 64 * width, "res3": 128 * width, "res4": 256 * width, "res5": 512 * width}
 
     def forward(self, x):
-        """x (B, 3, H, W) -> res2..res5 (B, C_l, H/2^(l), W/2^(l)) for strides 4..32."""
+        """x (B, 3, H, W) -> res2..res5 (B, C_l, H/2^(l), W/2^(l)), strides 4..32; channels-last on the CPU."""
+        if x.device.type == "cpu":  # oneDNN's layout for every conv here, and the encoder's token layout
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         res2 = self.layer1(x)
         res3 = self.layer2(res2)

@@ -133,6 +133,13 @@ class Conv1x1(nn.Conv2d):
     def __init__(self, in_channels, out_channels, bias=True):
         super().__init__(in_channels, out_channels, kernel_size=1, bias=bias)
 
+    @classmethod
+    def like(cls, conv):
+        """A Conv1x1 holding the parameters of `conv`, an nn.Conv2d with a 1x1 kernel, stride 1."""
+        new = cls(conv.in_channels, conv.out_channels, bias=conv.bias is not None)
+        new.weight, new.bias = conv.weight, conv.bias
+        return new
+
     def forward(self, x):
         """x (B, in_channels, H, W) -> (B, out_channels, H, W)."""
         return conv1x1(x, self.weight, self.bias)

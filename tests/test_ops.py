@@ -190,3 +190,28 @@ def test_weighted_argmax_is_argmax_of_the_product_ties_included():
         got = ops.weighted_argmax(scores[:n], probs[:n])
         assert got.dtype == torch.int64 and torch.equal(got, expected)
     assert not (ops.weighted_argmax(scores, probs) == 3).any()  # every tie with query 1 went to 1
+
+
+def test_resnet_bottlenecks_run_their_1x1_convs_on_the_route():
+    import torchvision
+
+    from model import ResNet
+
+    torch.manual_seed(0)
+    net = ResNet("resnet50", norm="frozen_bn").eval()
+    convs = [m for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+    assert sum(isinstance(m, ops.Conv1x1) for m in convs) == 16 * 2 + 1  # conv1, conv3 of each; one downsample
+    assert all(m.stride == (2, 2) or isinstance(m, ops.Conv1x1) for m in convs)  # the strided downsamples stay
+    names = {k for k in torchvision.models.resnet50().state_dict() if not k.startswith("fc.")}
+    assert set(net.state_dict()) - {k for k in net.state_dict() if k.endswith("num_batches_tracked")} <= names
+    x = torch.randn(1, 3, 128, 160, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        ours = net(x)
+        with ops.reference():  # F.conv2d everywhere, NCHW input
+            h = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+            ref = {}
+            for name, layer in zip(("res2", "res3", "res4", "res5"), (net.layer1, net.layer2, net.layer3, net.layer4)):
+                h = ref[name] = layer(h)
+    for name in ref:
+        assert ours[name].is_contiguous(memory_format=torch.channels_last)
+        assert rel(ours[name], ref[name]) < 1e-5, name
