@@ -526,7 +526,6 @@ def keep_freed_memory():
         return False
 
 
-
 def run_command(main):
     """Run a script's main() (or its argument parsing) and return what it returns. An error a user
     can act on (a bad config, data file, weights file or option: ValueError, OSError, among them
