@@ -59,8 +59,8 @@ class ResNet(nn.Module):
         if norm not in self.NORMS:
             raise ValueError(f"unknown ResNet norm {norm!r}; valid: {', '.join(self.NORMS)}")
         net = self.DEPTHS[name](weights=None, norm_layer=self.NORMS[norm])
-        for parent in [m for m in net.modules() if isinstance(m, nn.Sequential) or hasattr(m, "conv2")]:  # blocks
-            for key, conv in parent.named_children():  # the stride-1 1x1 convs: bottlenecks and layer1's downsample
+        for parent in list(net.modules()):  # the stride-1 1x1 convs: bottlenecks and layer1's downsample
+            for key, conv in parent.named_children():
                 if isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1):
                     setattr(parent, key, Conv1x1.like(conv))
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-MIN_MACS = 1 << 22  # tokens·in·out; measured: 256 -> 256 pays from ~64 tokens (here: 64), 64 -> 64 from ~600 (1024)
+MIN_MACS = 1 << 22  # tokens·in·out. Measured break-even: 256 -> 256 at ~64 tokens, 64 -> 64 at ~600
 _ONEDNN = {"on": True}
 
 
@@ -53,6 +53,11 @@ def uses_onednn(x, weight):
             and not torch.compiler.is_compiling() and not observed())
 
 
+def flat_tokens(x):
+    """x (..., C) -> (T, C), contiguous (a view when x already is)."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
 def tokens_conv(x, weight, bias=None):
     """x (T, C) @ weight (O, C)^T + bias, as oneDNN's 1x1 convolution of the channels-last view
     (1, C, T, 1) of x: (T, O)."""
@@ -80,7 +85,7 @@ class OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        flat = x.reshape(-1, x.shape[-1]).contiguous()  # (T, C)
+        flat = flat_tokens(x)  # (T, C)
         ctx.save_for_backward(flat, weight)
         ctx.shape = x.shape
         out = tokens_conv(flat, weight, bias)  # (T, O), a view of the convolution's output
@@ -91,7 +96,7 @@ class OneDNNLinear(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         flat, weight = ctx.saved_tensors
-        grad = grad.reshape(-1, grad.shape[-1]).contiguous()  # (T, O)
+        grad = flat_tokens(grad)  # (T, O)
         dx = tokens_conv(grad, weight.t()).view(ctx.shape) if ctx.needs_input_grad[0] else None  # (..., C)
         dw = weight_grad(grad, flat) if ctx.needs_input_grad[1] else None  # (O, C)
         db = grad.sum(0) if ctx.needs_input_grad[2] else None  # (O,)
@@ -104,7 +109,7 @@ def linear(x, weight, bias=None):
         return F.linear(x, weight, bias)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return OneDNNLinear.apply(x, weight, bias)
-    return tokens_conv(x.reshape(-1, x.shape[-1]).contiguous(), weight, bias).view(*x.shape[:-1], weight.shape[0])
+    return tokens_conv(flat_tokens(x), weight, bias).view(*x.shape[:-1], weight.shape[0])
 
 
 def conv1x1(x, weight, bias=None):

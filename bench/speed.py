@@ -151,7 +151,7 @@ def encoder_parts(models, features, runs=3):
             c.remove()
         table[name] = {part: (statistics.median(t[part] for t in times) * 1e3, counter.counts.get(part, 0) / 1e9)
                        for part in ("input projection", "layers", "mask branch")}
-    print("  where the time goes (ms, median of 3 runs) and the FLOPs (G), each part / M2F's part:")
+    print(f"  where the time goes (ms, median of {runs} runs) and the FLOPs (G), each part / M2F's part:")
     for name, parts in table.items():
         cells = [f"{part} {ms:6.0f} ms {g:5.1f} G ({ms / table[BASELINE][part][0]:.2f} / "
                  f"{g / max(table[BASELINE][part][1], 1e-9):.2f})" for part, (ms, g) in parts.items()]
@@ -189,18 +189,17 @@ def bench_postprocess(height, width, rounds):
     with torch.no_grad():
         outputs = confident(model(images), model.cfg.num_classes)
     inference = model.cfg.inference
-    tasks = {"panoptic": dict(panoptic=True, instance=False, semantic=False),
-             "all three": dict(panoptic=True, instance=True, semantic=True),
-             "all three, semantic labels": dict(panoptic=True, instance=True, semantic=True, labels=True)}
+    everything = dict(panoptic=True, instance=True, semantic=True)
+    tasks = {"panoptic": (dict(panoptic=True, instance=False, semantic=False), "scores"),  # (flags, semantic=)
+             "all three": (everything, "scores"), "all three, semantic labels": (everything, "labels")}
 
-    def post(flags):
+    def post(flags, semantic):
         def run():
             for key, value in flags.items():
-                if key != "labels":
-                    setattr(inference, key, value)
-            model.inference(outputs, [(height, width)], semantic="labels" if flags.get("labels") else "scores")
+                setattr(inference, key, value)
+            model.inference(outputs, [(height, width)], semantic=semantic)
         return run
-    fns = {"forward": no_grad(model, images), **{f"post-process ({t})": post(f) for t, f in tasks.items()}}
+    fns = {"forward": no_grad(model, images), **{f"post-process ({t})": post(*task) for t, task in tasks.items()}}
     times, summary = timed_table(fns, rounds, "forward")
     print(f"\nM2F R50 post-processing / forward, {height}x{width}, batch 1 (confident class scores, see confident())")
     for name in fns:
