@@ -182,7 +182,7 @@ def image_pq(gt_ids, gt_segments, pred_ids, pred_segments, categories, isthing=N
 
     gt_ids, pred_ids: (H, W) integer id maps (numpy or torch), 0 = void. gt_segments: COCO
     segments_info dicts with "id", "category_id", "iscrowd"; pred_segments: dicts with "id" and
-    "category_id" (model.panoptic_inference's output, once its contiguous labels are mapped to
+    "category_id" (postprocess.panoptic_inference's output, once its contiguous labels are mapped to
     the ids used here). categories: category id -> dict with "isthing" (1/0 or bool).
     isthing: None (all categories), True (things) or False (stuff).
 

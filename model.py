@@ -1,8 +1,8 @@
 """Mask2Former (Cheng et al., 2022): backbone -> encoder -> masked-attention decoder -> masks.
 
 Read top to bottom: backbones, the transformer decoder, the Hungarian matcher and set criterion,
-post-processing, the meta-architecture (with ECO-M2F's gate input and gated forward),
-`build_model`. The encoders are in encoders.py, the gate in gate.py.
+the meta-architecture (with ECO-M2F's gate input and gated forward),
+`build_model`. The encoders are in encoders.py, post-processing in postprocess.py, the gate in gate.py.
 
 Parameter shapes and packing follow the official detectron2 models (for example the packed
 q/k/v in-projection of the decoder's attention), so an official checkpoint needs only a name
@@ -19,7 +19,9 @@ from torch import nn
 
 from config import require_classes
 from encoders import MultiheadAttention, build_encoder, check_exit, sine_position_embedding
-from ops import Conv1x1, Linear, weighted_argmax
+from ops import Conv1x1, Linear, observed
+from postprocess import (instance_inference, kept_queries, panoptic_inference, semantic_inference, semantic_labels,
+                         upsample_predictions)
 
 
 # ---- backbones: images -> {"res2": 1/4, "res3": 1/8, "res4": 1/16, "res5": 1/32} -----------
@@ -520,123 +522,6 @@ class SetCriterion(nn.Module):
         return losses
 
 
-# ---- post-processing: per image, on mask logits resized to the output size ------------------
-#
-# Memory-bound: every full-size pass costs about the same. So a mask becomes a probability only
-# where a step uses it, in place on the copy that step gathers anyway (panoptic: the kept queries,
-# instance: the top-k ones), which costs what gathering shared probabilities would; the semantic
-# map, which needs all masks, runs last and converts the resized masks in place.
-
-
-def upsample_predictions(mask_pred, padded_size, image_size, output_size):
-    """Resize mask logits as the official code does: bilinear to the padded input size, crop the
-    padding away, bilinear to the output (original image) size.
-
-    mask_pred (Q, h, w) or (B, Q, h, w) -> (Q, Ho, Wo) or (B, Q, Ho, Wo)
-    """
-    single = mask_pred.dim() == 3
-    x = mask_pred[None] if single else mask_pred  # (B, Q, h, w)
-    x = F.interpolate(x, size=tuple(padded_size), mode="bilinear", align_corners=False)  # (B, Q, Hp, Wp)
-    x = x[:, :, : image_size[0], : image_size[1]]  # (B, Q, Hi, Wi)
-    if tuple(output_size) != tuple(x.shape[-2:]):
-        x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)  # (B, Q, Ho, Wo)
-    else:  # bilinear to the same size is the identity: skipped, but the papers' code runs it and
-        # fvcore prices it (4 per value), so it runs on a meta stand-in that flops.py still counts
-        F.interpolate(torch.empty_like(x, device="meta"), size=tuple(output_size), mode="bilinear", align_corners=False)
-        x = x.contiguous()
-    return x[0] if single else x
-
-
-def semantic_inference(mask_cls, mask_pred, in_place=False):
-    """Per-class score maps Σ_q p(class | q) · sigmoid(mask_q), "no object" dropped.
-
-    mask_cls (Q, K+1) logits, mask_pred (Q, H, W) logits (in_place: made probabilities) -> (K, H, W)
-    """
-    probs = F.softmax(mask_cls, dim=-1)[..., :-1]  # (Q, K)
-    return torch.einsum("qc,qhw->chw", probs, mask_pred.sigmoid_() if in_place else mask_pred.sigmoid())
-
-
-def semantic_labels(mask_cls, probs, pixels=4096):
-    """The per-pixel argmax of semantic_inference without its (K, H, W) float map: the same einsum
-    on bands of about `pixels` pixels (same scores, bit for bit), classes last for a contiguous argmax.
-
-    mask_cls (Q, K+1) logits, probs (Q, H, W) mask probabilities -> (H, W) int64
-    """
-    class_probs = F.softmax(mask_cls, dim=-1)[..., :-1]  # (Q, K)
-    rows = max(1, pixels // max(probs.shape[-1], 1))
-    return torch.cat([torch.einsum("qc,qhw->hwc", class_probs, probs[:, r : r + rows]).argmax(-1)  # (rows, W)
-                      for r in range(0, probs.shape[-2], rows)])
-
-
-def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8, overlap_threshold=0.8):
-    """The panoptic map: every pixel goes to the kept query with the highest score·probability.
-
-    A query is kept if its best class is not "no object" and scores > object_mask_threshold; a
-    kept query whose won area is < overlap_threshold of its own mask (probability >= 0.5) is
-    dropped; stuff queries of one class merge into one segment.
-
-    mask_cls (Q, K+1) logits; mask_pred (Q, H, W) logits; is_thing (K,) bool.
-    Returns the (H, W) int32 id map (0 = void) and segments_info [{"id", "isthing", "category_id", "score"}].
-    """
-    K = mask_cls.shape[-1] - 1
-    scores, labels = F.softmax(mask_cls, dim=-1).max(-1)  # (Q,), (Q,)
-    kept = (labels.ne(K) & (scores > object_mask_threshold)).nonzero()[:, 0]  # (n,)
-    scores, labels = scores[kept], labels[kept]
-    probs = mask_pred.index_select(0, kept).sigmoid_()  # (n, H, W)
-    panoptic = torch.zeros(mask_pred.shape[-2:], dtype=torch.int32, device=mask_pred.device)
-    n = len(labels)
-    if n == 0:
-        return panoptic, []
-    winner = weighted_argmax(scores, probs)  # (H, W): index into the kept queries
-    own = probs >= 0.5  # (n, H, W)
-    in_own = own.gather(0, winner[None])[0]  # (H, W): the pixel lies in its winner's own mask
-    # Areas of every kept query at once: won, own, and won & own (the segment it would paint).
-    won_area = torch.bincount(winner.flatten(), minlength=n).tolist()
-    own_area = own.flatten(1).sum(1, dtype=torch.int32).tolist()  # int32: no (n, H·W) int64 copy
-    segment_area = torch.bincount(winner[in_own], minlength=n).tolist()
-    segment_of = [0] * n  # kept query -> its segment id (0: dropped)
-    segments, stuff_ids = [], {}
-    for k, (label, score) in enumerate(zip(labels.tolist(), scores.tolist())):  # host values once, not per segment
-        if won_area[k] == 0 or own_area[k] == 0 or segment_area[k] == 0:
-            continue
-        if won_area[k] / own_area[k] < overlap_threshold:
-            continue  # mostly covered by others: an occluded duplicate
-        thing = bool(is_thing[label])
-        if not thing and label in stuff_ids:
-            segment_of[k] = stuff_ids[label]
-            continue
-        segment_of[k] = len(segments) + 1
-        if not thing:
-            stuff_ids[label] = segment_of[k]
-        segments.append({"id": segment_of[k], "isthing": thing, "category_id": label, "score": score})
-    table = torch.tensor(segment_of, dtype=torch.int32, device=panoptic.device)  # (n,)
-    return torch.where(in_own, table[winner], panoptic), segments
-
-
-def instance_inference(mask_cls, mask_pred, is_thing, num_queries_topk=100, panoptic_on=True):
-    """The top-scoring (query, class) pairs as instances.
-
-    mask_cls (Q, K+1) logits; mask_pred (Q, H, W) logits; is_thing (K,) bool. With panoptic_on
-    only thing classes are kept (the official rule). Score = class probability × the mean mask
-    probability inside the binary mask. Returns {"masks": (n, H, W) 0/1 float, "scores": (n,),
-    "labels": (n,)} in top-k (unsorted) order.
-    """
-    Q, K = mask_cls.shape[0], mask_cls.shape[1] - 1
-    class_probs = F.softmax(mask_cls, dim=-1)[:, :-1]  # (Q, K)
-    scores, idx = class_probs.flatten().topk(min(num_queries_topk, Q * K), sorted=False)  # over (query, class) pairs
-    labels, queries = idx % K, idx // K
-    if panoptic_on:
-        thing = is_thing.to(labels.device)[labels]
-        scores, labels, queries = scores[thing], labels[thing], queries[thing]
-    # A query in several pairs: its mask and mask score are computed once.
-    unique, pair_query = queries.unique(return_inverse=True)  # (u,), (n,)
-    logits = mask_pred.index_select(0, unique)  # (u, H, W)
-    masks = (logits > 0).float()
-    inside = logits.sigmoid_().mul_(masks)  # (u, H, W): the probabilities inside the binary masks
-    mask_scores = inside.flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)  # (u,)
-    return {"masks": masks.index_select(0, pair_query), "scores": scores * mask_scores[pair_query], "labels": labels}
-
-
 AMP_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -775,12 +660,14 @@ class Mask2Former(nn.Module):
         is_thing[list(self.cfg.thing_classes)] = True
         results = []
         for logits, mask_pred, size, out_size in zip(outputs["pred_logits"], masks, image_sizes, output_sizes):
-            mask_pred = upsample_predictions(mask_pred.float(), padded, size, out_size)  # (Q, H_out, W_out)
-            logits = logits.float()
-            result = {}
             # On the meta device (FLOP counting from shapes) the panoptic and instance steps are
             # skipped: they look at values, and hold no counted op.
-            values = not mask_pred.is_meta
+            values, logits = not mask_pred.is_meta, logits.float()
+            if values and cfg.panoptic and not (cfg.instance or cfg.semantic or observed()):  # only the kept resized
+                kept = kept_queries(logits, cfg.object_mask_threshold)[2]
+                logits, mask_pred = logits[kept], mask_pred[kept]
+            mask_pred = upsample_predictions(mask_pred.float(), padded, size, out_size)  # (Q, H_out, W_out)
+            result = {}
             if cfg.panoptic and values:
                 result["panoptic_seg"] = panoptic_inference(logits, mask_pred, is_thing, cfg.object_mask_threshold,
                                                             cfg.overlap_threshold)

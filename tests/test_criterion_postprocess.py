@@ -1,19 +1,11 @@
-"""Tests for the matcher, the criterion and the inference post-processing (model.py)."""
+"""Tests for the matcher, the criterion (model.py) and the inference post-processing (postprocess.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import (
-    HungarianMatcher,
-    SetCriterion,
-    instance_inference,
-    panoptic_inference,
-    point_sample,
-    sample_uncertain_points,
-    semantic_inference,
-    upsample_predictions,
-)
+from model import HungarianMatcher, SetCriterion, point_sample, sample_uncertain_points
+from postprocess import instance_inference, panoptic_inference, semantic_inference, upsample_predictions
 
 
 def class_logits(probs):

@@ -178,18 +178,29 @@ def test_an_in_place_op_on_the_output_keeps_the_gradients():
         assert rel(a, r) < 1e-5
 
 
-def test_weighted_argmax_is_argmax_of_the_product_ties_included():
+def test_panoptic_winners_equal_the_stacked_contest_ties_included():
+    """Catches: ties given to the later query (>= for >), the winner index counted from the wrong
+    query (k against q of kept), own areas or in_own read from another query's plane, a threshold
+    of > 0.5 for >= 0.5."""
     g = torch.Generator().manual_seed(6)
-    probs = torch.rand(7, 30, 40, generator=g)
-    probs[3] = probs[1]  # exact ties: the earlier query must win, as argmax's first maximum
-    probs[5, :10] = probs[2, :10]
+    logits = torch.randn(9, 30, 40, generator=g) * 3
+    logits[4] = logits[2]  # exact ties: the earlier query must win, as argmax's first maximum
+    logits[6, :10] = logits[3, :10]
+    logits[7, :, :5] = 0.0  # probability exactly 0.5: inside the own mask
+    kept = torch.tensor([0, 2, 3, 4, 6, 7, 8])
     scores = torch.rand(7, generator=g)
-    scores[3], scores[5] = scores[1], scores[2]
+    scores[3], scores[4] = scores[1], scores[2]  # queries 4 and 6 tie with 2 and 3
     for n in (7, 1):
-        expected = (scores[:n, None, None] * probs[:n]).argmax(0)
-        got = ops.weighted_argmax(scores[:n], probs[:n])
-        assert got.dtype == torch.int64 and torch.equal(got, expected)
-    assert not (ops.weighted_argmax(scores, probs) == 3).any()  # every tie with query 1 went to 1
+        probs = torch.stack([logits[q].sigmoid() for q in kept[:n]])  # (n, H, W), one plane at a time
+        own = probs >= 0.5
+        expected = (scores[:n, None, None] * probs).argmax(0)
+        winner, in_own, own_area = ops.panoptic_winners(scores[:n], logits, kept[:n])
+        assert winner.dtype == torch.int64 and torch.equal(winner, expected)
+        assert torch.equal(in_own, own.gather(0, expected[None])[0])
+        assert own_area.dtype == torch.int64 and own_area.tolist() == own.flatten(1).sum(1).tolist()
+    winner = ops.panoptic_winners(scores, logits, kept)[0]
+    assert not (winner == 3).any() and (winner == 1).any()  # every tie with query 2 went to 2
+    assert ops.panoptic_winners(scores, logits, kept)[2][5] >= 30 * 5  # the 0.5 pixels counted
 
 
 def test_resnet_bottlenecks_run_their_1x1_convs_on_the_route():

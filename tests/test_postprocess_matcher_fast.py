@@ -1,9 +1,11 @@
-"""The fast post-processing and the batched matcher (model.py) against the implementations they
+"""The fast post-processing (postprocess.py) and the batched matcher (model.py) against the implementations they
 replace, kept here as reference_* (model.py as of commit 7351679): the same panoptic ids and
 segments, instances, semantic labels and matching assignments, bit for bit, on random and on
 adversarial inputs (ties, nothing kept, all stuff, output size equal to and other than the input
 size, images of different sizes in one padded batch), and the same FLOP count."""
+import dataclasses
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -14,11 +16,11 @@ import model
 from config import load_config
 from conftest import ROOT
 from flops import FlopCounter
-from model import (
-    HungarianMatcher,
+from model import HungarianMatcher, point_sample
+from postprocess import (
     instance_inference,
+    kept_queries,
     panoptic_inference,
-    point_sample,
     semantic_inference,
     semantic_labels,
     upsample_predictions,
@@ -253,6 +255,14 @@ def test_instance_equals_reference(seed):
         for k in (5, 20, 100):
             new = instance_inference(mask_cls, mask_pred, is_thing, k, panoptic_on)
             assert instances_equal(new, reference_instance_inference(mask_cls, mask_pred, is_thing, k, panoptic_on))
+    # Every query sure of one class, k below Q: each query in one pair (the path without a second
+    # gather), the masks in top-k order, not in query order.
+    sure = mask_cls.clone()
+    sure[torch.arange(9), torch.randperm(9, generator=torch.Generator().manual_seed(seed)) % K] += 20.0
+    for k in (3, 9):
+        new = instance_inference(sure, mask_pred, torch.ones(K, dtype=torch.bool), k, True)
+        assert new["labels"].numel() == k
+        assert instances_equal(new, reference_instance_inference(sure, mask_pred, torch.ones(K, dtype=torch.bool), k, True))
     none = instance_inference(mask_cls, mask_pred, torch.zeros(K, dtype=torch.bool), 10, True)
     assert none["masks"].shape == (0, 21, 18 + seed) and none["scores"].numel() == 0
 
@@ -309,6 +319,32 @@ def test_inference_equals_reference(output_sizes):
             assert instances_equal(out["instances"], r["instances"])
     with pytest.raises(ValueError, match="semantic"):
         model.Mask2Former.inference(net, outputs, sizes, semantic="argmax")
+
+
+def test_panoptic_alone_resizes_only_the_kept_queries_with_the_same_result():
+    """Panoptic inference alone resizes the kept queries only: the same ids and segments as the
+    reference, which resizes all; under the FLOP counter all are resized, as the papers count."""
+    net, outputs = tiny_inference_setup(seed=1)
+    only = dataclasses.replace(TINY.inference, panoptic=True, instance=False, semantic=False)
+    net.cfg = dataclasses.replace(TINY, inference=only)
+    sizes, resized = [(64, 80), (43, 71)], []
+    real = F.interpolate
+    with mock.patch.object(F, "interpolate", lambda x, **kw: resized.append(x.shape[-3]) or real(x, **kw)):
+        new = model.Mask2Former.inference(net, outputs, sizes, [(70, 90), (43, 71)])
+    ref = reference_inference(net, outputs, sizes, [(70, 90), (43, 71)])
+    assert all(panoptic_equal(n["panoptic_seg"], r["panoptic_seg"]) for n, r in zip(new, ref))
+    assert any(len(r["panoptic_seg"][1]) for r in ref) and set(new[0]) == {"panoptic_seg"}
+    kept = [len(kept_queries(logits)[2]) for logits in outputs["pred_logits"]]
+    assert 0 < kept[0] < 20 and resized[::2] == kept  # the first of each image's resizes
+    with FlopCounter() as counted:
+        model.Mask2Former.inference(net, outputs, sizes)
+    with FlopCounter() as everything:
+        reference_inference(net, outputs, sizes)
+    assert counted.counts == everything.counts
+    unsure = {**outputs, "pred_logits": torch.zeros_like(outputs["pred_logits"])}  # nothing kept: nothing resized
+    for result in model.Mask2Former.inference(net, unsure, sizes, [(70, 90), (43, 71)]):
+        assert result["panoptic_seg"][1] == [] and not result["panoptic_seg"][0].any()
+    assert result["panoptic_seg"][0].shape == (43, 71)
 
 
 @pytest.mark.parametrize("semantic", ["scores", "labels"])

@@ -24,7 +24,8 @@ import msda
 import train
 from conftest import ROOT, TINY, tiny_run
 from config import load_config
-from model import HungarianMatcher, MultiheadAttention, SetCriterion, build_model, panoptic_inference
+from model import HungarianMatcher, MultiheadAttention, SetCriterion, build_model
+from postprocess import panoptic_inference
 
 CHANNELS = {"res2": 16, "res3": 32, "res4": 48, "res5": 64}  # small backbone widths for encoder-only tests
 DIM = 32  # GroupNorm(32) needs a multiple of 32
