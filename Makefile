@@ -14,7 +14,7 @@ $(VENV)/.installed: requirements.txt requirements-test.txt
 .PHONY: setup demo demo-full test flops native bench-msda bench
 setup: $(VENV)/.installed
 
-# The main job, on CPU, in about 5 minutes on 2 idle cores: generate the synthetic dataset; train a
+# The main job, on CPU, in 5 to 7 minutes on 2 idle cores: generate the synthetic dataset; train a
 # tiny Mask2Former and its PRO-SCALE (1,1,1) twin side by side (one thread each; each evaluates
 # itself at the end); run ECO-M2F's three steps on the Mask2Former (Step A: weighted stochastic
 # depth; Step B: per-image PQ at every exit; Step C: gates for two β) and sweep every exit and
