@@ -668,17 +668,20 @@ class Mask2Former(nn.Module):
                 logits, mask_pred = logits[kept], mask_pred[kept]
             mask_pred = upsample_predictions(mask_pred.float(), padded, size, out_size)  # (Q, H_out, W_out)
             result = {}
-            if cfg.panoptic and values:
-                result["panoptic_seg"] = panoptic_inference(logits, mask_pred, is_thing, cfg.object_mask_threshold,
-                                                            cfg.overlap_threshold)
-            if cfg.instance and values:
+            if cfg.instance and values:  # first: it needs the logits' signs
                 result["instances"] = instance_inference(logits, mask_pred, is_thing, cfg.topk_per_image,
                                                          panoptic_on=cfg.panoptic)
-            if cfg.semantic and semantic == "labels":  # last: the masks become probabilities in place
-                result["sem_seg_labels"] = semantic_labels(logits, mask_pred.sigmoid_())
-            elif cfg.semantic:
-                result["sem_seg"] = semantic_inference(logits, mask_pred, in_place=True)
-            results.append(result)
+            if cfg.semantic:  # the masks become probabilities in place, once for the semantic and panoptic steps
+                mask_pred = mask_pred.sigmoid_()
+                if semantic == "labels":
+                    result["sem_seg_labels"] = semantic_labels(logits, mask_pred)
+                else:
+                    result["sem_seg"] = semantic_inference(logits, mask_pred, probabilities=True)
+            if cfg.panoptic and values:
+                result["panoptic_seg"] = panoptic_inference(logits, mask_pred, is_thing, cfg.object_mask_threshold,
+                                                            cfg.overlap_threshold, probabilities=cfg.semantic)
+            results.append({key: result[key] for key in ("panoptic_seg", "instances", "sem_seg", "sem_seg_labels")
+                            if key in result})
         return results
 
 

@@ -150,7 +150,7 @@ class Conv1x1(nn.Conv2d):
         return conv1x1(x, self.weight, self.bias)
 
 
-def panoptic_winners(scores, logits, kept):
+def panoptic_winners(scores, logits, kept, probabilities=False):
     """The panoptic step's per-pixel contest among the kept queries, bit for bit as on the stacked
     probabilities P = sigmoid(logits[kept]) (n, H, W):
 
@@ -158,7 +158,8 @@ def panoptic_winners(scores, logits, kept):
         in_own = (P >= 0.5).gather(0, winner[None])[0]     (H, W) bool: inside the winner's own mask
         own_area = (P >= 0.5).flatten(1).sum(1)            (n,) int64
 
-    scores (n,), logits (Q, H, W) mask logits, kept (n,) int64 indices into Q, n >= 1. On the CPU
+    scores (n,), logits (Q, H, W) mask logits (probabilities: already P's source, sigmoid(logits)),
+    kept (n,) int64 indices into Q, n >= 1. On the CPU
     one (H, W) plane at a time, in buffers that stay in cache, never the (n, H, W) gather, product
     or mask, and in float ops only: comparisons into a bool tensor and masked_fill_ run at a third
     of the speed of float ops here. A comparison into a float tensor gives exact 0/1s, whose sum is an
@@ -167,16 +168,17 @@ def panoptic_winners(scores, logits, kept):
     tied queries, as argmax does. in_own takes the sigmoid of the winners' logits, one (H, W)
     plane like every other, so its values are the planes' values bit for bit."""
     if logits.device.type != "cpu":
-        probs = logits.index_select(0, kept).sigmoid()  # (n, H, W)
+        probs = logits.index_select(0, kept)  # (n, H, W)
+        probs = probs if probabilities else probs.sigmoid_()
         own = probs >= 0.5
         winner = (scores[:, None, None] * probs).argmax(0)
         return winner, own.gather(0, winner[None])[0], own.flatten(1).sum(1)
     plane = logits.shape[1:]
-    prob, value, flag, winner = (logits.new_zeros(plane) for _ in range(4))  # (H, W) buffers, reused
+    buffer, value, flag, winner = (logits.new_zeros(plane) for _ in range(4))  # (H, W) buffers, reused
     own_area = torch.empty(len(kept), dtype=torch.float64)
-    exact = torch.float32 if prob.numel() < 2**24 else torch.float64  # integers below 2^24 are exact in float32
+    exact = torch.float32 if buffer.numel() < 2**24 else torch.float64  # integers below 2^24 are exact in float32
     for k, q in enumerate(kept.tolist()):
-        torch.sigmoid(logits[q], out=prob)
+        prob = logits[q] if probabilities else torch.sigmoid(logits[q], out=buffer)
         own_area[k] = torch.ge(prob, 0.5, out=flag).sum(dtype=exact)  # 0/1s: an exact count
         if k == 0:
             best = scores[0] * prob  # (H, W) the running maximum
@@ -186,5 +188,6 @@ def panoptic_winners(scores, logits, kept):
         torch.maximum(winner, flag.mul_(k), out=winner)
         torch.maximum(best, value, out=best)
     winner = winner.long()
-    in_own = logits.gather(0, kept[winner][None])[0].sigmoid_() >= 0.5  # (H, W)
+    in_own = logits.gather(0, kept[winner][None])[0]  # (H, W)
+    in_own = (in_own if probabilities else in_own.sigmoid_()) >= 0.5
     return winner, in_own, own_area.long()

@@ -41,13 +41,13 @@ def upsample_predictions(mask_pred, padded_size, image_size, output_size):
     return x[0] if single else x
 
 
-def semantic_inference(mask_cls, mask_pred, in_place=False):
+def semantic_inference(mask_cls, mask_pred, probabilities=False):
     """Per-class score maps Σ_q p(class | q) · sigmoid(mask_q), "no object" dropped.
 
-    mask_cls (Q, K+1) logits, mask_pred (Q, H, W) logits (in_place: made probabilities) -> (K, H, W)
+    mask_cls (Q, K+1) logits, mask_pred (Q, H, W) logits (probabilities: sigmoid(logits)) -> (K, H, W)
     """
     probs = F.softmax(mask_cls, dim=-1)[..., :-1]  # (Q, K)
-    return torch.einsum("qc,qhw->chw", probs, mask_pred.sigmoid_() if in_place else mask_pred.sigmoid())
+    return torch.einsum("qc,qhw->chw", probs, mask_pred if probabilities else mask_pred.sigmoid())
 
 
 def semantic_labels(mask_cls, probs, pixels=16384):
@@ -79,15 +79,16 @@ def kept_queries(mask_cls, object_mask_threshold=0.8):
     return scores[kept], labels[kept], kept
 
 
-def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8, overlap_threshold=0.8):
+def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8, overlap_threshold=0.8,
+                       probabilities=False):
     """The panoptic map: every pixel goes to the kept query with the highest score·probability.
 
     A query is kept if its best class is not "no object" and scores > object_mask_threshold; a
     kept query whose won area is < overlap_threshold of its own mask (probability >= 0.5) is
     dropped; stuff queries of one class merge into one segment.
 
-    mask_cls (Q, K+1) logits; mask_pred (Q, H, W) logits; is_thing (K,) bool.
-    Returns the (H, W) int32 id map (0 = void) and segments_info [{"id", "isthing", "category_id", "score"}].
+    mask_cls (Q, K+1) logits; mask_pred (Q, H, W) logits (probabilities: sigmoid(logits), shared
+    with the semantic step); is_thing (K,) bool. Returns the (H, W) int32 id map (0 = void) and segments_info [{"id", "isthing", "category_id", "score"}].
     """
     scores, labels, kept = kept_queries(mask_cls, object_mask_threshold)
     panoptic = torch.zeros(mask_pred.shape[-2:], dtype=torch.int32, device=mask_pred.device)
@@ -96,7 +97,7 @@ def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8,
         return panoptic, []
     # winner (H, W): index into the kept queries; in_own (H, W): the pixel lies in its winner's own
     # mask (probability >= 0.5); own_area (n,). Then the areas won and won & own (the segment).
-    winner, in_own, own_area = panoptic_winners(scores, mask_pred, kept)
+    winner, in_own, own_area = panoptic_winners(scores, mask_pred, kept, probabilities)
     own_area = own_area.tolist()
     won_area = torch.bincount(winner.flatten(), minlength=n).tolist()
     segment_area = torch.bincount(winner[in_own], minlength=n).tolist()

@@ -198,6 +198,12 @@ def test_panoptic_winners_equal_the_stacked_contest_ties_included():
         assert winner.dtype == torch.int64 and torch.equal(winner, expected)
         assert torch.equal(in_own, own.gather(0, expected[None])[0])
         assert own_area.dtype == torch.int64 and own_area.tolist() == own.flatten(1).sum(1).tolist()
+    probs = logits.sigmoid()  # shared with the semantic step: given as probabilities, read as they are
+    own = probs[kept] >= 0.5
+    expected = (scores[:, None, None] * probs[kept]).argmax(0)
+    winner, in_own, own_area = ops.panoptic_winners(scores, probs, kept, probabilities=True)
+    assert torch.equal(winner, expected) and torch.equal(in_own, own.gather(0, expected[None])[0])
+    assert own_area.tolist() == own.flatten(1).sum(1).tolist()
     winner = ops.panoptic_winners(scores, logits, kept)[0]
     assert not (winner == 3).any() and (winner == 1).any()  # every tie with query 2 went to 2
     assert ops.panoptic_winners(scores, logits, kept)[2][5] >= 30 * 5  # the 0.5 pixels counted
