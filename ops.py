@@ -158,15 +158,15 @@ def panoptic_winners(scores, logits, kept, probabilities=False):
         in_own = (P >= 0.5).gather(0, winner[None])[0]     (H, W) bool: inside the winner's own mask
         own_area = (P >= 0.5).flatten(1).sum(1)            (n,) int64
 
-    scores (n,), logits (Q, H, W) mask logits (probabilities: already P's source, sigmoid(logits)),
-    kept (n,) int64 indices into Q, n >= 1. On the CPU
-    one (H, W) plane at a time, in buffers that stay in cache, never the (n, H, W) gather, product
-    or mask, and in float ops only: comparisons into a bool tensor and masked_fill_ run at a third
-    of the speed of float ops here. A comparison into a float tensor gives exact 0/1s, whose sum is an
-    exact count; the winner index is a float too, and since k grows, "k
-    where value > best, else keep" is max(winner, k * (value > best)). Strict > keeps the first of
-    tied queries, as argmax does. in_own takes the sigmoid of the winners' logits, one (H, W)
-    plane like every other, so its values are the planes' values bit for bit."""
+    scores (n,), logits (Q, H, W) mask logits (probabilities: already sigmoid(logits)), kept (n,)
+    int64 indices into Q, n >= 1. On the CPU one (H, W) plane at a time, in buffers that stay in
+    cache, never the (n, H, W) gather, product or mask, and in float ops only: comparisons into a
+    bool tensor and masked_fill_ run at a third of the speed of float ops here. A comparison into
+    a float tensor gives exact 0/1s, whose sum is an exact count; the winner index is a float too,
+    and since k grows, "k where value > best, else keep" is max(winner, k * (value > best)).
+    Strict > keeps the first of tied queries, as argmax does. in_own reads the winners' plane
+    values (for logits, the sigmoid of one gathered (H, W) plane, computed like every other plane,
+    so bit for bit the same values)."""
     if logits.device.type != "cpu":
         probs = logits.index_select(0, kept)  # (n, H, W)
         probs = probs if probabilities else probs.sigmoid_()

@@ -11,12 +11,11 @@ import torch.nn.functional as F
 
 from ops import panoptic_winners
 
-# Per image, on mask logits resized to the output size.
-#
-# Memory-bound: every full-size pass costs about the same. So a mask becomes a probability only
-# where a step uses it: panoptic one kept plane at a time (ops.panoptic_winners), instance in place
-# on the top-k copy it gathers anyway; the semantic map, which needs all masks, runs last and
-# converts the resized masks in place.
+# Per image, on mask logits resized to the output size. Memory-bound: every full-size pass costs
+# about the same, so each mask becomes a probability once. Instances run first (they need the
+# logits' signs) and convert their top-k copy in place; with the semantic step on, the resized
+# masks then become probabilities in place and the panoptic step reads them (probabilities=True);
+# without it, the panoptic step converts one kept plane at a time.
 
 
 def upsample_predictions(mask_pred, padded_size, image_size, output_size):
@@ -59,14 +58,14 @@ def semantic_labels(mask_cls, probs, pixels=16384):
     """
     K = mask_cls.shape[-1] - 1
     class_probs = F.softmax(mask_cls, dim=-1)[..., :-1]  # (Q, K)
-    first = torch.arange(K, 0, -1, dtype=probs.dtype, device=probs.device)[:, None]  # (K, 1): K - k
+    first = torch.arange(K, 0, -1, dtype=probs.dtype, device=probs.device)[:, None, None]  # (K, 1, 1): K - k
     rows = max(1, pixels // max(probs.shape[-1], 1))
     labels = []
     for r in range(0, probs.shape[-2], rows):
         scores = torch.einsum("qc,qhw->chw", class_probs, probs[:, r : r + rows])  # (K, rows, W)
         best = scores.amax(0)  # (rows, W)
         # K - (the first class at the maximum) = max over k of (K - k) * [score_k == best]
-        top = torch.eq(scores, best, out=scores).mul_(first[..., None]).amax(0)  # (rows, W)
+        top = torch.eq(scores, best, out=scores).mul_(first).amax(0)  # (rows, W)
         labels.append(K - top.long())
     return torch.cat(labels).clamp_(max=K - 1)  # a NaN score matches no class: K - 0, clamped
 
@@ -88,7 +87,8 @@ def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8,
     dropped; stuff queries of one class merge into one segment.
 
     mask_cls (Q, K+1) logits; mask_pred (Q, H, W) logits (probabilities: sigmoid(logits), shared
-    with the semantic step); is_thing (K,) bool. Returns the (H, W) int32 id map (0 = void) and segments_info [{"id", "isthing", "category_id", "score"}].
+    with the semantic step); is_thing (K,) bool. Returns the (H, W) int32 id map (0 = void) and
+    segments_info [{"id", "isthing", "category_id", "score"}].
     """
     scores, labels, kept = kept_queries(mask_cls, object_mask_threshold)
     panoptic = torch.zeros(mask_pred.shape[-2:], dtype=torch.int32, device=mask_pred.device)
