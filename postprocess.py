@@ -120,6 +120,29 @@ def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8,
     return torch.where(in_own, table[winner], panoptic), segments
 
 
+def mask_scores_of(mask_pred, queries):
+    """The binary masks of `queries` and the sums their scores are made of.
+
+    mask_pred (Q, H, W) logits, queries (u,) indices into Q -> masks (u, H, W) 0/1 floats (logit > 0),
+    inside (u,) Σ sigmoid(logit) over the mask, area (u,) Σ mask. On the CPU one query at a time:
+    the mask written once, its sigmoid in an (H, W) buffer that stays in cache, never the (u, H, W)
+    gather of logits or the probabilities (each plane's sums equal the stacked sums bit for bit)."""
+    if mask_pred.device.type != "cpu":
+        logits = mask_pred.index_select(0, queries)  # (u, H, W)
+        masks = torch.gt(logits, 0, out=torch.empty_like(logits))  # 0/1 floats straight from the comparison
+        inside = logits.sigmoid_().mul_(masks)  # (u, H, W): the probabilities inside the binary masks
+        return masks, inside.flatten(1).sum(1), masks.flatten(1).sum(1)
+    masks = mask_pred.new_empty(len(queries), *mask_pred.shape[1:])  # (u, H, W)
+    buffer = mask_pred.new_empty(1, mask_pred[0].numel())  # (1, H*W), reused
+    sums = mask_pred.new_empty(2, len(queries))
+    for i, q in enumerate(queries.tolist()):
+        mask = torch.gt(mask_pred[q], 0, out=masks[i]).view(1, -1)  # (1, H*W)
+        torch.sigmoid(mask_pred[q].view(1, -1), out=buffer).mul_(mask)
+        torch.sum(buffer, 1, out=sums[0, i : i + 1])
+        torch.sum(mask, 1, out=sums[1, i : i + 1])
+    return masks, sums[0], sums[1]
+
+
 def instance_inference(mask_cls, mask_pred, is_thing, num_queries_topk=100, panoptic_on=True):
     """The top-scoring (query, class) pairs as instances.
 
@@ -139,10 +162,8 @@ def instance_inference(mask_cls, mask_pred, is_thing, num_queries_topk=100, pano
     unique, pair_query = queries.unique(return_inverse=True)  # (u,), (n,)
     if len(unique) == len(queries):
         unique, pair_query = queries, None
-    logits = mask_pred.index_select(0, unique)  # (u, H, W)
-    masks = torch.gt(logits, 0, out=torch.empty_like(logits))  # 0/1 floats straight from the comparison
-    inside = logits.sigmoid_().mul_(masks)  # (u, H, W): the probabilities inside the binary masks
-    mask_scores = inside.flatten(1).sum(1) / (masks.flatten(1).sum(1) + 1e-6)  # (u,)
+    masks, inside, area = mask_scores_of(mask_pred, unique)  # (u, H, W) 0/1 floats, (u,), (u,)
+    mask_scores = inside / (area + 1e-6)  # (u,)
     if pair_query is not None:
         masks, mask_scores = masks.index_select(0, pair_query), mask_scores[pair_query]
     return {"masks": masks, "scores": scores * mask_scores, "labels": labels}

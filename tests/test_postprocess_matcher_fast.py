@@ -19,6 +19,7 @@ from flops import FlopCounter
 from model import HungarianMatcher, point_sample
 from postprocess import (
     instance_inference,
+    mask_scores_of,
     kept_queries,
     panoptic_inference,
     semantic_inference,
@@ -265,6 +266,22 @@ def test_instance_equals_reference(seed):
         assert instances_equal(new, reference_instance_inference(sure, mask_pred, torch.ones(K, dtype=torch.bool), k, True))
     none = instance_inference(mask_cls, mask_pred, torch.zeros(K, dtype=torch.bool), 10, True)
     assert none["masks"].shape == (0, 21, 18 + seed) and none["scores"].numel() == 0
+
+
+def test_mask_scores_of_equals_the_stacked_sums():
+    """The per-plane CPU loop against the stacked formulas, bit for bit. Catches: >= for > (some
+    logits are exactly 0), the sigmoid summed outside the mask too, plane i read for query q (the
+    queries skip and are out of order), a sum over the wrong plane."""
+    g = torch.Generator().manual_seed(0)
+    mask_pred = torch.randn(7, 33, 29, generator=g) * 3
+    mask_pred[:, ::5, ::3] = 0.0
+    queries = torch.tensor([5, 0, 3])
+    logits = mask_pred[queries]  # (3, H, W)
+    masks = (logits > 0).float()
+    expected = (masks, (logits.sigmoid() * masks).flatten(1).sum(1), masks.flatten(1).sum(1))
+    got = mask_scores_of(mask_pred, queries)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
+    assert torch.equal(mask_pred[queries], logits)  # the logits are left as they were
 
 
 @pytest.mark.parametrize("pixels", [1, 7, 64, 4096])
