@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ops import Linear, linear, observed
+from ops import Linear, observed
 
 
 def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights):
@@ -54,16 +54,28 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     _, Lq, _, L, P, _ = sampling_locations.shape
     if len(spatial_shapes) != L:
         raise ValueError(f"{len(spatial_shapes)} spatial shapes for {L} sampled levels")
+    # Queries innermost (one copy of each): every level's grid and weights are then contiguous blocks
+    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 5, 1).contiguous()  # (N, M, L, P, 2, Lq) in [-1, 1]
+    weights = attention_weights.permute(0, 2, 3, 4, 1).contiguous()  # (N, M, L, P, Lq)
+    return sample_levels(value, spatial_shapes, grids, weights)
+
+
+def sample_levels(value, spatial_shapes, grids, weights):
+    """ms_deform_attn on its inputs laid out queries-innermost, as MSDeformAttn computes them.
+
+    value (N, S, M, D); grids (N, M, L, P, 2, Lq), (x, y) in grid_sample's [-1, 1], contiguous;
+    weights (N, M, L, P, Lq) -> (N, Lq, M·D). With the queries innermost every level's grid and
+    weights are contiguous (N*M, P, Lq) blocks (strided per-level views cost ~3x in the weighting
+    on the CPU), and grid_sample reads the (x, y) planes of a grid as fast as interleaved pairs.
+    """
+    N, S, M, D = value.shape
+    Lq = grids.shape[-1]
+    P = grids.shape[3]
     values = value.split([h * w for h, w in spatial_shapes], dim=1)
-    # Queries innermost: every level's grid, samples and weights are then contiguous (N*M, P, Lq)
-    # blocks, and the weighting below runs along Lq and sums over P rows, not over runs of P = 4
-    # floats. One copy of each here; strided per-level views instead cost ~3x in the weighting.
-    grids = (2 * sampling_locations - 1).permute(0, 2, 3, 4, 1, 5).contiguous()  # (N, M, L, P, Lq, 2) in [-1, 1]
-    weights = attention_weights.permute(0, 2, 3, 4, 1).contiguous()  # (N, M, L, P, Lq): a view if laid out so
     out = None
     for level, (h, w) in enumerate(spatial_shapes):
         v = values[level].permute(0, 2, 3, 1).reshape(N * M, D, h, w)  # (N, h*w, M, D) -> (N*M, D, h, w)
-        g = grids[:, :, level].reshape(N * M, P, Lq, 2)
+        g = grids[:, :, level].reshape(N * M, P, 2, Lq).transpose(2, 3)  # (N*M, P, Lq, 2), a view
         sampled = F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)  # (N*M, D, P, Lq)
         a = weights[:, :, level].reshape(N * M, 1, P, Lq)
         # Σ_p sampled·a, one point at a time into one accumulator: no (N*M, D, P, Lq) product in
@@ -327,28 +339,35 @@ class MSDeformAttn(nn.Module):
         nn.init.zeros_(self.output_proj.bias)
 
     def offsets_and_logits(self, query):
-        """sampling_offsets(query) and attention_weights(query) as one GEMM over the stacked
-        weights (one pass over the queries instead of two; the same FLOPs, the same parameters).
-        query (N, Lq, C) -> (N, Lq, M·L·P·2), (N, Lq, M·L·P): views into one output."""
+        """sampling_offsets(query) and attention_weights(query), queries innermost, as one GEMM over
+        the stacked weights (one pass over the queries instead of two; the same FLOPs, the same
+        parameters). query (N, Lq, C) -> (N, M·L·P·2, Lq), (N, M·L·P, Lq): views into one output."""
         a, b = self.sampling_offsets, self.attention_weights
-        both = linear(query, torch.cat([a.weight, b.weight]), torch.cat([a.bias, b.bias]))
-        return both.split([a.out_features, b.out_features], dim=-1)
+        weight, bias = torch.cat([a.weight, b.weight]), torch.cat([a.bias, b.bias])  # (O, C), (O,)
+        both = torch.baddbmm(bias[:, None], weight.expand(len(query), -1, -1), query.transpose(1, 2))  # (N, O, Lq)
+        return both.split([a.out_features, b.out_features], dim=1)
 
     def forward(self, query, reference_points, value, spatial_shapes):
         """query (N, Lq, C); reference_points (N, Lq, L, 2) as (x, y) in [0, 1];
         value (N, S, C) with S = Σ H_l·W_l; spatial_shapes: L pairs (H_l, W_l) of ints.
-        Returns (N, Lq, C)."""
+        Returns (N, Lq, C).
+
+        Offsets, logits, weights and sampling grids are computed with the queries innermost, the
+        layout the sampling reads: every broadcast below then runs along Lq (the official layout,
+        (N, Lq, M, L, P, 2), broadcasts over runs of 2 and took ~10 % of a layer on the CPU)."""
         N, Lq, _ = query.shape
         M, L, P = self.n_heads, self.n_levels, self.n_points
         v = self.value_proj(value).view(N, value.shape[1], M, self.d_model // M)  # (N, S, M, D)
-        offsets, logits = self.offsets_and_logits(query)  # (N, Lq, M·L·P·2), (N, Lq, M·L·P)
-        offsets = offsets.view(N, Lq, M, L, P, 2)
-        # The softmax over each head's L·P samples with the queries innermost: torch's kernel then runs
-        # along Lq (~3x faster on the CPU than over rows of 12-16), and the weights come out laid out
-        # as ms_deform_attn samples them: (N, M, L, P, Lq) in memory, seen as (N, Lq, M, L, P)
-        weights = logits.transpose(1, 2).reshape(N, M, L * P, Lq).softmax(2).view(N, M, L, P, Lq).permute(0, 4, 1, 2, 3)
-        # Offsets are in pixels of each level: divide by (W_l, H_l) to normalise (one fused
-        # multiply-add over the samples: 2.4x faster on the CPU than the broadcast add of a division).
-        scale = query.new_tensor([[1.0 / w, 1.0 / h] for h, w in spatial_shapes])  # (L, 2)
-        locations = torch.addcmul(reference_points[:, :, None, :, None, :], offsets, scale[None, None, None, :, None, :])
-        return self.output_proj(deform_attn(v, spatial_shapes, locations, weights, impl=self.impl))
+        offsets, logits = self.offsets_and_logits(query)  # (N, M·L·P·2, Lq), (N, M·L·P, Lq)
+        offsets = offsets.view(N, M, L, P, 2, Lq)
+        weights = logits.reshape(N, M, L * P, Lq).softmax(2).view(N, M, L, P, Lq)  # over each head's L·P samples
+        # Offsets are in pixels of each level: divide by (W_l, H_l) to normalise, as one fused multiply-add
+        scale = query.new_tensor([[1.0 / w, 1.0 / h] for h, w in spatial_shapes])[None, None, :, None, :, None]
+        ref = reference_points.permute(0, 2, 3, 1)[:, None, :, None]  # (N, 1, L, 1, 2, Lq)
+        if resolve_impl(self.impl, v, offsets, weights) == "native":  # the official layout, in [0, 1]
+            locations = torch.addcmul(ref, offsets, scale).permute(0, 5, 1, 2, 3, 4)  # (N, Lq, M, L, P, 2)
+            out = ms_deform_attn_native(v, spatial_shapes, locations, weights.permute(0, 4, 1, 2, 3))
+        else:  # grid_sample's [-1, 1]: 2·(ref + offsets·scale) - 1, the factors of 2 exact
+            grids = torch.addcmul((2 * ref - 1).contiguous(), offsets, 2 * scale)  # (N, M, L, P, 2, Lq)
+            out = sample_levels(v, spatial_shapes, grids, weights)
+        return self.output_proj(out)

@@ -125,9 +125,9 @@ def attention_inputs(shapes, seed=2):
 def test_fused_offsets_and_logits_are_the_two_linears():
     attn = perturb(msda.MSDeformAttn(dim=DIM, levels=3, heads=4, points=2))
     query = torch.randn(2, 11, DIM)
-    offsets, logits = attn.offsets_and_logits(query)
-    assert torch.allclose(offsets, attn.sampling_offsets(query), atol=ATOL)
-    assert torch.allclose(logits, attn.attention_weights(query), atol=ATOL)
+    offsets, logits = attn.offsets_and_logits(query)  # queries innermost: (N, O, Lq)
+    assert torch.allclose(offsets, attn.sampling_offsets(query).transpose(1, 2), atol=ATOL)
+    assert torch.allclose(logits, attn.attention_weights(query).transpose(1, 2), atol=ATOL)
     # The checkpoint still holds the two official linears, nothing else.
     assert sorted(attn.state_dict()) == sorted(f"{m}.{t}" for m in ("sampling_offsets", "attention_weights",
                                                                     "value_proj", "output_proj")

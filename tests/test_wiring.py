@@ -455,15 +455,16 @@ def test_heads_and_points_reach_every_attention_layer(synthetic, monkeypatch, en
     assert len(attention) == 2 * model.cfg.decoder.layers  # cross- and self-attention per round
     assert all(m.heads == 8 for m in attention)
 
-    # At run time the sampling locations have the built heads, levels and points: (N, Lq, M, L, P, 2).
+    # At run time the sampling grids have the built heads, levels and points: (N, M, L, P, 2, Lq).
     seen = []
-    original = msda.ms_deform_attn
+    original = msda.sample_levels
 
-    def spy(value, shapes, locations, weights):
-        seen.append(tuple(locations.shape[2:5]))
-        return original(value, shapes, locations, weights)
+    def spy(value, shapes, grids, weights):
+        seen.append(tuple(grids.shape[1:4]))
+        assert weights.shape == grids.shape[:4] + grids.shape[5:]
+        return original(value, shapes, grids, weights)
 
-    monkeypatch.setattr(msda, "ms_deform_attn", spy)
+    monkeypatch.setattr(msda, "sample_levels", spy)
     images, _ = model.preprocess(random_images(size=(64, 64), batch=1))
     with torch.no_grad():
         model(images)
