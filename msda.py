@@ -12,7 +12,8 @@ Two implementations of the sampling, chosen by `impl` (MSDeformAttn, `deform_att
 
     "torch"   `ms_deform_attn`, the reference: pure PyTorch on `F.grid_sample`; any device,
               fp32/fp16/bf16, compiles with `torch.compile(fullgraph=True)` (level shapes are
-              Python ints, never tensors).
+              Python ints, never tensors). MSDeformAttn calls its core, `sample_levels`, on
+              inputs it computes with the queries innermost (faster on the CPU; same values).
     "native"  `ms_deform_attn_native`: the C++/CUDA op of csrc/ (CPU: float32/float64 with
               OpenMP; CUDA: float32/float64/float16/bfloat16 accumulating in float32, with a
               deterministic backward), a torch custom op (`torch.ops.msda.ms_deform_attn`) with a
