@@ -51,8 +51,7 @@ def ms_deform_attn(value, spatial_shapes, sampling_locations, attention_weights)
     attention_weights:  (N, Lq, M, L, P), already normalised
     returns:            (N, Lq, M·D)
     """
-    N, S, M, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
+    L = sampling_locations.shape[3]
     if len(spatial_shapes) != L:
         raise ValueError(f"{len(spatial_shapes)} spatial shapes for {L} sampled levels")
     # Queries innermost (one copy of each): every level's grid and weights are then contiguous blocks
@@ -69,9 +68,8 @@ def sample_levels(value, spatial_shapes, grids, weights):
     weights are contiguous (N*M, P, Lq) blocks (strided per-level views cost ~3x in the weighting
     on the CPU), and grid_sample reads the (x, y) planes of a grid as fast as interleaved pairs.
     """
-    N, S, M, D = value.shape
-    Lq = grids.shape[-1]
-    P = grids.shape[3]
+    N, _, M, D = value.shape
+    P, Lq = grids.shape[3], grids.shape[5]
     values = value.split([h * w for h, w in spatial_shapes], dim=1)
     out = None
     for level, (h, w) in enumerate(spatial_shapes):

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from ops import panoptic_winners
 
 # Per image, on mask logits resized to the output size. Memory-bound: every full-size pass costs
-# about the same, so each mask becomes a probability once. Instances run first (they need the
-# logits' signs) and convert their top-k copy in place; with the semantic step on, the resized
-# masks then become probabilities in place and the panoptic step reads them (probabilities=True);
-# without it, the panoptic step converts one kept plane at a time.
+# about the same, so each mask becomes a probability once where it can. Instances run first (they
+# need the logits' signs) and take their top-k planes' sigmoid one plane at a time in a buffer
+# (mask_scores_of); with the semantic step on, the resized masks then become probabilities in place
+# and the panoptic step reads them (probabilities=True); without it, the panoptic step converts one
+# kept plane at a time.
 
 
 def upsample_predictions(mask_pred, padded_size, image_size, output_size):
