@@ -10,6 +10,7 @@ mapping (config.convert_official_state_dict).
 """
 import math
 from contextlib import nullcontext
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,7 @@ from torch import nn
 from config import require_classes
 from encoders import MultiheadAttention, build_encoder, check_exit, sine_position_embedding
 from ops import Conv1x1, Linear, observed
-from postprocess import (instance_inference, kept_queries, panoptic_inference, semantic_inference, semantic_labels,
+from postprocess import (instance_inference, panoptic_inference, semantic_inference, semantic_labels,
                          upsample_predictions)
 
 
@@ -663,9 +664,13 @@ class Mask2Former(nn.Module):
             # On the meta device (FLOP counting from shapes) the panoptic and instance steps are
             # skipped: they look at values, and hold no counted op.
             values, logits = not mask_pred.is_meta, logits.float()
-            if values and cfg.panoptic and not (cfg.instance or cfg.semantic or observed()):  # only the kept resized
-                kept = kept_queries(logits, cfg.object_mask_threshold)[2]
-                logits, mask_pred = logits[kept], mask_pred[kept]
+            if values and cfg.panoptic and not (cfg.instance or cfg.semantic or observed()):
+                # panoptic alone: each kept plane is resized where the contest reads it, never the stack
+                resize = partial(upsample_predictions, padded_size=padded, image_size=size, output_size=out_size)
+                results.append({"panoptic_seg": panoptic_inference(logits, mask_pred.float(), is_thing,
+                                                                   cfg.object_mask_threshold, cfg.overlap_threshold,
+                                                                   resize=resize)})
+                continue
             mask_pred = upsample_predictions(mask_pred.float(), padded, size, out_size)  # (Q, H_out, W_out)
             result = {}
             if cfg.instance and values:  # first: it needs the logits' signs

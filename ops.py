@@ -150,44 +150,54 @@ class Conv1x1(nn.Conv2d):
         return conv1x1(x, self.weight, self.bias)
 
 
-def panoptic_winners(scores, logits, kept, probabilities=False):
+def panoptic_winners(scores, logits, kept, probabilities=False, resize=None):
     """The panoptic step's per-pixel contest among the kept queries, bit for bit as on the stacked
-    probabilities P = sigmoid(logits[kept]) (n, H, W):
+    probabilities P = sigmoid(resize(logits[kept])) (n, H, W):
 
         winner = (scores[:, None, None] * P).argmax(0)     (H, W) int64, an index into kept
         in_own = (P >= 0.5).gather(0, winner[None])[0]     (H, W) bool: inside the winner's own mask
         own_area = (P >= 0.5).flatten(1).sum(1)            (n,) int64
 
-    scores (n,), logits (Q, H, W) mask logits (probabilities: already sigmoid(logits)), kept (n,)
-    int64 indices into Q, n >= 1. On the CPU one (H, W) plane at a time, in buffers that stay in
-    cache, never the (n, H, W) gather, product or mask, and in float ops only: comparisons into a
-    bool tensor and masked_fill_ run at a third of the speed of float ops here. A comparison into
-    a float tensor gives exact 0/1s, whose sum is an exact count; the winner index is a float too,
-    and since k grows, "k where value > best, else keep" is max(winner, k * (value > best)).
-    Strict > keeps the first of tied queries, as argmax does. in_own reads the winners' plane
-    values (for logits, the sigmoid of one gathered (H, W) plane, computed like every other plane,
-    so bit for bit the same values)."""
+    scores (n,), logits (Q, h, w) mask logits (probabilities: already sigmoid(logits)), kept (n,)
+    int64 indices into Q, n >= 1; resize maps (1, h, w) to (1, H, W) (None: logits are full size).
+    On the CPU one (H, W) plane at a time, resized there, in buffers that stay in cache: never the
+    (n, H, W) resize, gather, product or mask (a plane resized alone equals its plane of the
+    stacked resize), and in float ops only: comparisons into a bool tensor and masked_fill_ run at
+    a third of the speed of float ops here. A comparison into a float tensor gives exact 0/1s,
+    whose sum is an exact count. The leader is one float code, 2k + own (own: the pixel lies in
+    query k's own mask); codes grow with k, so "query k's code where its value > best, else keep"
+    is max(code, (value > best) * (2k + own)). Strict > keeps the first of tied queries, as argmax
+    does."""
     if logits.device.type != "cpu":
-        probs = logits.index_select(0, kept)  # (n, H, W)
+        probs = logits.index_select(0, kept)  # (n, h, w)
+        probs = probs if resize is None else resize(probs)  # (n, H, W)
         probs = probs if probabilities else probs.sigmoid_()
         own = probs >= 0.5
         winner = (scores[:, None, None] * probs).argmax(0)
         return winner, own.gather(0, winner[None])[0], own.flatten(1).sum(1)
-    plane = logits.shape[1:]
-    buffer, value, flag, winner = (logits.new_zeros(plane) for _ in range(4))  # (H, W) buffers, reused
     own_area = torch.empty(len(kept), dtype=torch.float64)
-    exact = torch.float32 if buffer.numel() < 2**24 else torch.float64  # integers below 2^24 are exact in float32
+    sigmoid = None  # (H, W) buffer: the sigmoid of a full-size logit plane
     for k, q in enumerate(kept.tolist()):
-        prob = logits[q] if probabilities else torch.sigmoid(logits[q], out=buffer)
-        own_area[k] = torch.ge(prob, 0.5, out=flag).sum(dtype=exact)  # 0/1s: an exact count
-        if k == 0:
+        if resize is not None:
+            prob = resize(logits[q : q + 1])[0]  # (H, W), a fresh plane: its sigmoid in place
+            prob = prob if probabilities else prob.sigmoid_()
+        elif probabilities:
+            prob = logits[q]
+        else:
+            sigmoid = torch.empty_like(logits[q]) if sigmoid is None else sigmoid
+            prob = torch.sigmoid(logits[q], out=sigmoid)
+        if k == 0:  # buffers of the plane's size; query 0 leads everywhere
+            value, flag, own = (torch.empty_like(prob) for _ in range(3))
+            exact = torch.float32 if prob.numel() < 2**24 else torch.float64  # integers below 2^24 are exact in float32
+            code = torch.ge(prob, 0.5, out=torch.empty_like(prob))  # (H, W): 2*0 + own
+            own_area[0] = code.sum(dtype=exact)  # 0/1s: an exact count
             best = scores[0] * prob  # (H, W) the running maximum
             continue
+        own_area[k] = torch.ge(prob, 0.5, out=own).sum(dtype=exact)
         torch.mul(scores[k], prob, out=value)
         torch.gt(value, best, out=flag)
-        torch.maximum(winner, flag.mul_(k), out=winner)
+        torch.maximum(code, flag.mul_(own.add_(2 * k)), out=code)
         torch.maximum(best, value, out=best)
-    winner = winner.long()
-    in_own = logits.gather(0, kept[winner][None])[0]  # (H, W)
-    in_own = (in_own if probabilities else in_own.sigmoid_()) >= 0.5
-    return winner, in_own, own_area.long()
+    winner = code.mul(0.5).floor_()  # (H, W): k, exact in float
+    in_own = code.sub_(winner).sub_(winner).bool()  # (H, W): the own bit
+    return winner.long(), in_own, own_area.long()

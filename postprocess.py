@@ -9,7 +9,7 @@ one kept plane at a time (ops.panoptic_winners), the semantic labels without a (
 import torch
 import torch.nn.functional as F
 
-from ops import panoptic_winners
+from ops import observed, panoptic_winners
 
 # Per image, on mask logits resized to the output size. Memory-bound: every full-size pass costs
 # about the same, so each mask becomes a probability once where it can. Instances run first (they
@@ -35,8 +35,11 @@ def upsample_predictions(mask_pred, padded_size, image_size, output_size):
     if tuple(output_size) != tuple(x.shape[-2:]):
         x = F.interpolate(x, size=tuple(output_size), mode="bilinear", align_corners=False)  # (B, Q, Ho, Wo)
     else:  # bilinear to the same size is the identity: skipped, but the papers' code runs it and
-        # fvcore prices it (4 per value), so it runs on a meta stand-in that flops.py still counts
-        F.interpolate(torch.empty_like(x, device="meta"), size=tuple(output_size), mode="bilinear", align_corners=False)
+        # fvcore prices it (4 per value), so under a FLOP counter it runs on a meta stand-in (whose
+        # shape function alone takes ~8 ms)
+        if observed():
+            F.interpolate(torch.empty_like(x, device="meta"), size=tuple(output_size), mode="bilinear",
+                          align_corners=False)
         x = x.contiguous()
     return x[0] if single else x
 
@@ -80,7 +83,7 @@ def kept_queries(mask_cls, object_mask_threshold=0.8):
 
 
 def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8, overlap_threshold=0.8,
-                       probabilities=False):
+                       probabilities=False, resize=None):
     """The panoptic map: every pixel goes to the kept query with the highest score·probability.
 
     A query is kept if its best class is not "no object" and scores > object_mask_threshold; a
@@ -88,17 +91,18 @@ def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8,
     dropped; stuff queries of one class merge into one segment.
 
     mask_cls (Q, K+1) logits; mask_pred (Q, H, W) logits (probabilities: sigmoid(logits), shared
-    with the semantic step); is_thing (K,) bool. Returns the (H, W) int32 id map (0 = void) and
-    segments_info [{"id", "isthing", "category_id", "score"}].
+    with the semantic step), or (Q, h, w) logits with resize mapping (q, h, w) to (q, H, W): each
+    kept plane is then resized where it is used; is_thing (K,) bool. Returns the (H, W) int32 id
+    map (0 = void) and segments_info [{"id", "isthing", "category_id", "score"}].
     """
     scores, labels, kept = kept_queries(mask_cls, object_mask_threshold)
-    panoptic = torch.zeros(mask_pred.shape[-2:], dtype=torch.int32, device=mask_pred.device)
     n = len(labels)
     if n == 0:
-        return panoptic, []
+        size = (mask_pred if resize is None else resize(mask_pred[:0])).shape[-2:]
+        return torch.zeros(size, dtype=torch.int32, device=mask_pred.device), []
     # winner (H, W): index into the kept queries; in_own (H, W): the pixel lies in its winner's own
     # mask (probability >= 0.5); own_area (n,). Then the areas won and won & own (the segment).
-    winner, in_own, own_area = panoptic_winners(scores, mask_pred, kept, probabilities)
+    winner, in_own, own_area = panoptic_winners(scores, mask_pred, kept, probabilities, resize)
     own_area = own_area.tolist()
     won_area = torch.bincount(winner.flatten(), minlength=n).tolist()
     segment_area = torch.bincount(winner[in_own], minlength=n).tolist()
@@ -117,8 +121,8 @@ def panoptic_inference(mask_cls, mask_pred, is_thing, object_mask_threshold=0.8,
         if not thing:
             stuff_ids[label] = segment_of[k]
         segments.append({"id": segment_of[k], "isthing": thing, "category_id": label, "score": score})
-    table = torch.tensor(segment_of, dtype=torch.int32, device=panoptic.device)  # (n,)
-    return torch.where(in_own, table[winner], panoptic), segments
+    table = torch.tensor(segment_of, dtype=torch.int32, device=winner.device)  # (n,)
+    return torch.where(in_own, table[winner], 0), segments
 
 
 def mask_scores_of(mask_pred, queries):

@@ -206,6 +206,14 @@ def test_panoptic_winners_equal_the_stacked_contest_ties_included():
     assert own_area.tolist() == own.flatten(1).sum(1).tolist()
     winner = ops.panoptic_winners(scores, logits, kept)[0]
     assert not (winner == 3).any() and (winner == 1).any()  # every tie with query 2 went to 2
+    # low-resolution logits resized one kept plane at a time: as the contest on the resized stack
+    resize = lambda x: F.interpolate(x[None], size=(70, 90), mode="bilinear", align_corners=False)[0]  # noqa: E731
+    probs = resize(logits)[kept].sigmoid()  # (7, 70, 90)
+    own = probs >= 0.5
+    expected = (scores[:, None, None] * probs).argmax(0)
+    winner, in_own, own_area = ops.panoptic_winners(scores, logits, kept, resize=resize)
+    assert torch.equal(winner, expected) and torch.equal(in_own, own.gather(0, expected[None])[0])
+    assert own_area.tolist() == own.flatten(1).sum(1).tolist() and (winner == 6).any() and in_own.any()
     assert ops.panoptic_winners(scores, logits, kept)[2][5] >= 30 * 5  # the 0.5 pixels counted
 
 
