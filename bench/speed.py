@@ -12,7 +12,8 @@ no_grad. Sections (--only picks some):
 
     encoders   PRO-SCALE (1,1,1), (2,2,2), (3,3,3), Lite-M2F and RT-M2F against M2F: the encoder
                (on the same backbone features) at every --size, and the whole forward (backbone,
-               encoder, decoder) at the first; beside each its FLOP ratio (flops.model_flops)
+               encoder, decoder) at the first; beside each its FLOP ratio (flops.model_flops); then
+               M2F's and PRO-SCALE's encoder time by part and by op group (GEMMs, sampling, pool, norms)
     postprocess  model.inference / forward of M2F at 512x512: panoptic alone, and all three tasks
     hf         ours / Hugging Face's Mask2FormerForUniversalSegmentation, the same weights (the
                mapping of tests/test_hf_parity.py), encoder + decoder forward at 384x384 and 800x1088
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import data  # noqa: E402
 import ops  # noqa: E402
@@ -117,7 +119,9 @@ def bench_encoders(sizes, rounds):
         if whole:
             print(f"  (M2F whole forward {base_ms:.0f} ms, encoder GFLOPs {flops[BASELINE]['encoder']:.1f})")
             conv_against_gemm(models[BASELINE].encoder.mask_branch.output[0], features["res2"].shape[-2:], rounds)
-            encoder_parts({n: m for n, m in models.items() if n == BASELINE or n.startswith("PRO-SCALE")}, features)
+            proscale = {n: m for n, m in models.items() if n == BASELINE or n.startswith("PRO-SCALE")}
+            encoder_parts(proscale, features)
+            encoder_ops(proscale, features)
 
 
 PARTS = {"input projection": "input_proj", "mask branch": "mask_branch"}  # the rest: the layers (+ TRC)
@@ -155,6 +159,48 @@ def encoder_parts(models, features, runs=3):
     for name, parts in table.items():
         cells = [f"{part} {ms:6.0f} ms {g:5.1f} G ({ms / table[BASELINE][part][0]:.2f} / "
                  f"{g / max(table[BASELINE][part][1], 1e-9):.2f})" for part, (ms, g) in parts.items()]
+        print(f"    {name:18s} " + "   ".join(cells))
+
+
+OP_GROUPS = {  # aten op names (their overload packet) by what the FLOP convention prices them at
+    "GEMMs": ("convolution", "mkldnn_convolution", "mm", "addmm", "bmm", "baddbmm", "linear"),  # counted FLOPs
+    "sampling": ("grid_sampler_2d", "addcmul_", "addcmul"),  # deformable sampling: 0 FLOPs
+    "pooling": ("max_pool2d", "max_pool2d_with_indices", "avg_pool2d"),  # the LPE: 0 FLOPs
+    "norms": ("native_group_norm", "native_layer_norm"),
+}
+
+
+class OpClock(TorchDispatchMode):
+    """Process CPU time per aten op (by name) of everything run under it; ops an op calls inside
+    are its own time."""
+
+    def __init__(self):
+        super().__init__()
+        self.ms = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        start = time.process_time()
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.ms[name] = self.ms.get(name, 0.0) + (time.process_time() - start) * 1e3
+        return out
+
+
+def encoder_ops(models, features):
+    """The encoders' time by op group (OP_GROUPS, the rest as "other"), one forward each after a
+    warm-up, each group / M2F's: which of the ops priced at 0 FLOPs keep a ratio above the FLOPs'."""
+    table = {}
+    for name, m in models.items():
+        with torch.no_grad():
+            m.encoder(features)
+            with OpClock() as clock:
+                m.encoder(features)
+        groups = {group: sum(clock.ms.get(op, 0.0) for op in names) for group, names in OP_GROUPS.items()}
+        table[name] = {**groups, "other": sum(clock.ms.values()) - sum(groups.values()), "total": sum(clock.ms.values())}
+    print("  by op (ms, one forward, op by op; each group / M2F's):")
+    for name, groups in table.items():
+        cells = [f"{g} {ms:5.0f} ({ms / table[BASELINE][g]:.2f})" if table[BASELINE][g] else f"{g} {ms:5.0f} (-)"
+                 for g, ms in groups.items()]
         print(f"    {name:18s} " + "   ".join(cells))
 
 
