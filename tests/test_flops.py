@@ -333,3 +333,27 @@ def test_flops_table_covers_every_row(capsys):
             "| 172.00 | 428.70 |") in text
     assert ("| Cityscapes, Swin-T | M2F, no res2 | 1024x2048 | 193.82 (-31.09%) | 193.82 | 425.24 (-20.94%) "
             "| 132.00 | - |") in text  # the papers give C1's encoder only
+
+
+
+@pytest.mark.parametrize("name, samplings", [("proscale_333_r50", 3 * (1 + 2 + 3)), ("lite_m2f_r50", 1), ("rt_m2f_swin_t", 0)])
+def test_meta_shortcuts_count_as_the_cpu_does(name, samplings, monkeypatch):
+    """On the meta device the counter makes grid_sample's, interpolate's and the norms' outputs
+    from their shapes. Catches: a wrong output shape (grid's last dim kept, size read as a scale), which
+    changes the counts or raises later; and the shortcut never taken (the calls are counted)."""
+    cfg = load_config(ROOT / "configs/coco" / f"{name}.yaml")
+    torch.manual_seed(0)
+    cpu = model_flops(build_model(cfg), 64, 96)
+    with torch.device("meta"):
+        shapes_only = build_model(cfg)
+    taken = {}
+
+    def counted(func, shape):
+        def run(*args, **kwargs):
+            taken[func.__name__] = taken.get(func.__name__, 0) + 1
+            return shape(*args, **kwargs)
+        return run
+    monkeypatch.setattr(flops, "_META_SHAPES", {f: counted(f, shape) for f, shape in flops._META_SHAPES.items()})
+    assert model_flops(shapes_only, 64, 96) == pytest.approx(cpu, rel=1e-12)
+    assert taken.get("grid_sample", 0) >= samplings and taken["interpolate"] >= 2  # msda's levels; mask branch, post
+    assert taken["layer_norm"] > 0 and (name.startswith("rt") or taken["group_norm"] > 0)  # RT-M2F: no GroupNorm
