@@ -168,9 +168,9 @@ def panoptic_winners(scores, logits, kept, probabilities=False, resize=None):
     query k's own mask); codes grow with k, so "query k's code where its value > best, else keep"
     is max(code, (value > best) * (2k + own)). Strict > keeps the first of tied queries, as argmax
     does. One caveat is torch's own: sigmoid runs the last elements of a tensor (its length mod 32
-    here, AVX-512) on a scalar path that can round 1 ulp away from the vector path, so a plane's
-    sigmoid and its slice of the stack's can differ there (as the stack's own differs with its
-    length); a winner can move only where two products tie within that ulp."""
+    here, AVX-512) on a scalar path that can round up to 2 ulps away from the vector path, so a
+    plane's sigmoid and its slice of the stack's can differ there (as the stack's own differs with
+    its length); a winner can move only where two products tie within those ulps."""
     if logits.device.type != "cpu":
         probs = logits.index_select(0, kept)  # (n, h, w)
         probs = probs if resize is None else resize(probs)  # (n, H, W)
