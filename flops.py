@@ -207,6 +207,13 @@ _PAPER_FORMULAS = {
 _COMPLETE_FORMULAS = {**_PAPER_FORMULAS, F.grid_sample: _grid_sample, F.scaled_dot_product_attention: _sdpa}
 
 
+def _kept_format(input):
+    """The memory format torch's CPU kernels give the output of `input` (its suggested format)."""
+    channels_last = input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(
+        memory_format=torch.channels_last)
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
 def _grid_sample_shape(input, grid, *_, **__):
     """grid_sample's output on the meta device: (N, C, *grid's spatial dims), contiguous."""
     return input.new_empty((*input.shape[:2], *grid.shape[1:-1]))
@@ -214,14 +221,11 @@ def _grid_sample_shape(input, grid, *_, **__):
 
 def _interpolate_shape(input, size=None, *_, **__):
     """interpolate's output on the meta device when `size` is given (None: let torch work it
-    out), in the input's memory format as torch's CPU kernels keep it."""
+    out), in the input's memory format."""
     if size is None:
         return None
     size = (size,) * (input.dim() - 2) if isinstance(size, int) else tuple(size)
-    channels_last = input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(
-        memory_format=torch.channels_last)
-    return input.new_empty((*input.shape[:2], *size)).contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return input.new_empty((*input.shape[:2], *size)).contiguous(memory_format=_kept_format(input))
 
 
 def _layer_norm_shape(input, *_, **__):
@@ -230,11 +234,8 @@ def _layer_norm_shape(input, *_, **__):
 
 
 def _group_norm_shape(input, *_, **__):
-    """group_norm's output on the meta device: the input's shape, channels-last if the input is
-    (its CPU kernel keeps the input's memory format)."""
-    channels_last = input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(
-        memory_format=torch.channels_last)
-    return torch.empty_like(input, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    """group_norm's output on the meta device: the input's shape, in the input's memory format."""
+    return torch.empty_like(input, memory_format=_kept_format(input))
 
 
 # On the meta device torch computes these outputs through their Python decompositions, ~50 ms a
@@ -261,7 +262,8 @@ class FlopCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         shape = _META_SHAPES.get(func)
-        out = shape(*args, **kwargs) if shape is not None and args[0].device.type == "meta" else None
+        on_meta = bool(args) and isinstance(args[0], torch.Tensor) and args[0].is_meta  # input given by position
+        out = shape(*args, **kwargs) if shape is not None and on_meta else None
         if out is None:
             out = func(*args, **kwargs)  # the mode is off in here: nested calls are not seen
         formula = self.formulas.get(func)

@@ -196,7 +196,8 @@ def encoder_ops(models, features):
             with OpClock() as clock:
                 m.encoder(features)
         groups = {group: sum(clock.ms.get(op, 0.0) for op in names) for group, names in OP_GROUPS.items()}
-        table[name] = {**groups, "other": sum(clock.ms.values()) - sum(groups.values()), "total": sum(clock.ms.values())}
+        total = sum(clock.ms.values())
+        table[name] = {**groups, "other": total - sum(groups.values()), "total": total}
     print("  by op (ms, one forward, op by op; each group / M2F's):")
     for name, groups in table.items():
         cells = [f"{g} {ms:5.0f} ({ms / table[BASELINE][g]:.2f})" if table[BASELINE][g] else f"{g} {ms:5.0f} (-)"

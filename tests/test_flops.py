@@ -335,12 +335,12 @@ def test_flops_table_covers_every_row(capsys):
             "| 132.00 | - |") in text  # the papers give C1's encoder only
 
 
-
-@pytest.mark.parametrize("name, samplings", [("proscale_333_r50", 3 * (1 + 2 + 3)), ("lite_m2f_r50", 1), ("rt_m2f_swin_t", 0)])
+@pytest.mark.parametrize("name, samplings",
+                         [("proscale_333_r50", 3 * (1 + 2 + 3)), ("lite_m2f_r50", 1), ("rt_m2f_swin_t", 0)])
 def test_meta_shortcuts_count_as_the_cpu_does(name, samplings, monkeypatch):
     """On the meta device the counter makes grid_sample's, interpolate's and the norms' outputs
-    from their shapes. Catches: a wrong output shape (grid's last dim kept, size read as a scale), which
-    changes the counts or raises later; and the shortcut never taken (the calls are counted)."""
+    from their shapes. Catches: a wrong output shape (grid's last dim kept, size read as a scale),
+    which changes the counts or raises later; and the shortcut never taken (the calls are counted)."""
     cfg = load_config(ROOT / "configs/coco" / f"{name}.yaml")
     torch.manual_seed(0)
     cpu = model_flops(build_model(cfg), 64, 96)
